@@ -1,0 +1,1 @@
+"""The aggregator: rounds, strategies, update checks, checkpoints, /status."""

@@ -1,0 +1,3 @@
+"""fedstudy: federated learning studies across hospitals."""
+
+__version__ = "0.1.0"

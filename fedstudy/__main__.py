@@ -1,0 +1,3 @@
+from fedstudy.cli import main
+
+raise SystemExit(main())

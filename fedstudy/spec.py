@@ -1,0 +1,425 @@
+"""The FederatedStudy document: one strict, typed model shared by every engine.
+
+A study is a Kubernetes custom resource and also a file that ``fedstudy run`` reads. This
+module parses it (``load_study``), checks the parts that only make sense on the machine that
+runs it (``check_local_files``) and turns every problem into a message that names the field
+path and the value (``StudyError``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+API_VERSION = "fedstudy.io/v1alpha1"
+KIND = "FederatedStudy"
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class StudyError(ValueError):
+    """A study document that cannot be used. Each problem is one line: ``path: message``."""
+
+    def __init__(self, problems: Iterable[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(head + "invalid study\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _dns_label(value: str, what: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.match(value):
+        raise ValueError(
+            f"{what} must be a DNS-1123 label (lower-case letters, digits and '-', "
+            f"starting and ending with a letter or digit, at most 63 characters), got {value!r}"
+        )
+    return value
+
+
+class Metadata(BaseModel):
+    """Kubernetes object metadata. Fields the API server adds (uid, resourceVersion, ...) pass."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    name: str
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _dns_label(v, "a study name")
+
+
+class Binarize(_Strict):
+    """Turns a numeric label column into 0/1: positive when the value is above ``above``."""
+
+    above: float = Field(strict=False)
+
+
+class Task(_Strict):
+    type: Literal["binary-classification"] = "binary-classification"
+    label: str = Field(min_length=1)
+    metric: Literal["auc", "accuracy", "loss"] = "auc"
+    binarize: Binarize | None = None
+
+
+class Model(_Strict):
+    name: Literal["logistic-regression", "mlp"]
+    hidden: list[PositiveInt] = Field(default_factory=list)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, strict=False)
+
+    @model_validator(mode="after")
+    def _hidden(self) -> Model:
+        if self.name == "mlp" and not self.hidden:
+            raise ValueError("an mlp needs at least one hidden layer size in 'hidden', e.g. [32]")
+        if self.name == "logistic-regression" and self.hidden:
+            raise ValueError(
+                f"logistic-regression has no hidden layers; remove 'hidden' ({self.hidden}) "
+                "or use name: mlp"
+            )
+        return self
+
+
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
+
+
+class Strategy(_Strict):
+    """How the aggregator combines the sites' updates.
+
+    ``mu`` is FedProx's proximal coefficient. FedAdam and FedYogi keep a server optimizer:
+    ``serverLearningRate``, ``beta1``, ``beta2`` and ``tau`` (the adaptivity, Reddi et al. 2021).
+    """
+
+    name: StrategyName = "fedavg"
+    mu: float | None = Field(default=None, gt=0, strict=False)
+    serverLearningRate: float | None = Field(default=None, gt=0, strict=False)
+    beta1: float | None = Field(default=None, ge=0, lt=1, strict=False)
+    beta2: float | None = Field(default=None, ge=0, lt=1, strict=False)
+    tau: float | None = Field(default=None, gt=0, strict=False)
+
+    @model_validator(mode="after")
+    def _fields_of_strategy(self) -> Strategy:
+        adaptive = ("serverLearningRate", "beta1", "beta2", "tau")
+        if self.name != "fedprox" and self.mu is not None:
+            raise ValueError(f"'mu' is FedProx's proximal coefficient; {self.name} does not use it")
+        if self.name not in ("fedadam", "fedyogi"):
+            for field in adaptive:
+                if getattr(self, field) is not None:
+                    raise ValueError(
+                        f"'{field}' belongs to the server optimizer of fedadam/fedyogi; "
+                        f"{self.name} does not use it"
+                    )
+        return self
+
+    @property
+    def proximal_mu(self) -> float:
+        if self.name != "fedprox":
+            return 0.0
+        return 0.01 if self.mu is None else self.mu
+
+
+class Training(_Strict):
+    localSteps: PositiveInt = 100
+    batchSize: PositiveInt = 16
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    learningRate: PositiveFloat = Field(default=0.01, strict=False)
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0, strict=False)
+    weightDecay: float = Field(default=0.0, ge=0.0, strict=False)
+
+
+class Preprocessing(_Strict):
+    """How every site turns its table into features; the same at each site, so models align.
+
+    ``categorical`` maps a column to its levels: declaring them keeps one-hot features
+    identical at sites that have not seen every level.
+    """
+
+    columns: list[str] | None = None
+    naValues: list[str] = Field(default_factory=list)
+    drop: list[str] = Field(default_factory=list)
+    categorical: dict[str, list[int | str]] = Field(default_factory=dict)
+    dropFirstLevel: bool = False
+    missing: Literal["drop-rows", "impute-mean"] = "drop-rows"
+    standardize: bool = True
+    testFraction: float = Field(default=0.25, gt=0.0, lt=1.0, strict=False)
+    splitSeed: int = Field(default=0, ge=0)
+    stratify: bool = True
+
+    @field_validator("categorical")
+    @classmethod
+    def _levels(cls, v: dict[str, list[int | str]]) -> dict[str, list[int | str]]:
+        for column, levels in v.items():
+            if len(levels) < 2:
+                raise ValueError(f"column {column!r} needs at least two levels, got {levels}")
+            if len(set(map(str, levels))) != len(levels):
+                raise ValueError(f"column {column!r} lists a level twice: {levels}")
+        return v
+
+
+BUILTIN_DATASETS = ("breast-cancer",)
+
+
+class Partition(_Strict):
+    """A deterministic share of a built-in dataset: ``index`` of ``count`` simulated sites.
+
+    ``labelSkew`` in [0, 1) gives each site a different share of positives (0: iid).
+    """
+
+    index: int = Field(ge=0)
+    count: PositiveInt
+    labelSkew: float = Field(default=0.0, ge=0.0, lt=1.0, strict=False)
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _index(self) -> Partition:
+        if self.index >= self.count:
+            raise ValueError(f"index {self.index} must be below count {self.count}")
+        return self
+
+
+class SiteData(_Strict):
+    format: Literal["csv", "parquet", "builtin"]
+    path: str | None = None
+    header: bool = True
+    dataset: Literal["breast-cancer"] | None = None
+    partition: Partition | None = None
+
+    @model_validator(mode="after")
+    def _source(self) -> SiteData:
+        if self.format == "builtin":
+            if self.dataset is None:
+                raise ValueError(
+                    f"format builtin needs 'dataset' (one of {', '.join(BUILTIN_DATASETS)})"
+                )
+            if self.path is not None:
+                raise ValueError("format builtin reads no file; remove 'path'")
+        else:
+            if not self.path:
+                raise ValueError(f"format {self.format} needs 'path'")
+            if self.dataset is not None or self.partition is not None:
+                raise ValueError("'dataset' and 'partition' belong to format builtin")
+            if self.format == "parquet" and not self.header:
+                raise ValueError("parquet files always name their columns; remove 'header'")
+        return self
+
+
+class Resources(_Strict):
+    gpu: int = Field(default=0, ge=0)
+    cpu: str | None = None
+    memory: str | None = None
+
+
+class Site(_Strict):
+    name: str
+    data: SiteData
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _dns_label(v, "a site name")
+
+
+class Irb(_Strict):
+    protocol: str = Field(min_length=1)
+    approvedUntil: dt.date = Field(strict=False)
+
+
+class Governance(_Strict):
+    irb: Irb | None = None
+
+
+class StudySpec(_Strict):
+    task: Task
+    model: Model
+    rounds: PositiveInt
+    minSites: PositiveInt = 1
+    roundTimeoutSeconds: float = Field(default=600.0, gt=0, strict=False)
+    strategy: Strategy = Field(default_factory=Strategy)
+    training: Training = Field(default_factory=Training)
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    governance: Governance = Field(default_factory=Governance)
+    seed: int = Field(default=0, ge=0)
+    localBaseline: bool = True
+    sites: list[Site] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sites(self) -> StudySpec:
+        seen: dict[str, int] = {}
+        for i, site in enumerate(self.sites):
+            if site.name in seen:
+                raise _FieldProblem(
+                    ("sites", i, "name"),
+                    f"duplicate site name {site.name!r} (also sites[{seen[site.name]}])",
+                )
+            seen[site.name] = i
+        if self.minSites > len(self.sites):
+            raise _FieldProblem(
+                ("minSites",),
+                f"{self.minSites} is more than the {len(self.sites)} sites the study lists",
+            )
+        return self
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+class FederatedStudy(_Strict):
+    apiVersion: Literal["fedstudy.io/v1alpha1"]
+    kind: Literal["FederatedStudy"]
+    metadata: Metadata
+    spec: StudySpec
+    status: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+class _FieldProblem(ValueError):
+    """Raised inside a validator to point at a nested field rather than the model."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        self.loc = loc
+        self.message = message
+        super().__init__(message)
+
+
+def _path(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "(document)"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors(include_url=False):
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        ctx_err = (e.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _FieldProblem):
+            problems.append(f"{_path([*loc, *ctx_err.loc])}: {ctx_err.message}")
+            continue
+        kind = e["type"]
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if kind == "extra_forbidden":
+            msg = f"unknown field (value {_short(e['input'])})"
+        elif kind == "missing":
+            msg = "required field is missing"
+        elif kind == "literal_error":
+            msg = f"{msg}, got {_short(e['input'])}"
+        elif kind not in ("value_error", "assertion_error") and "input" in e:
+            msg = f"{msg}, got {_short(e['input'])}"
+        problems.append(f"{_path(loc)}: {msg}")
+    return problems
+
+
+def parse_study(doc: Any, source: str | None = None) -> FederatedStudy:
+    """Validates a document (already parsed from YAML/JSON) as a FederatedStudy."""
+    if not isinstance(doc, dict):
+        raise StudyError(
+            [f"(document): a study is a mapping with apiVersion, kind, metadata and spec, "
+             f"got {type(doc).__name__}"],
+            source,
+        )
+    try:
+        return FederatedStudy.model_validate(doc)
+    except ValidationError as err:
+        raise StudyError(format_validation_error(err), source) from None
+
+
+def load_study(path: str | Path) -> FederatedStudy:
+    """Reads and validates a study file (YAML or JSON)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StudyError([f"(file): no such file: {p}"], str(p)) from None
+    except OSError as e:
+        raise StudyError([f"(file): cannot read: {e.strerror}"], str(p)) from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise StudyError([f"(document): not valid YAML{where}: {problem}"], str(p)) from None
+    if len(docs) != 1:
+        raise StudyError(
+            [f"(document): a study file holds exactly one document, found {len(docs)}"], str(p)
+        )
+    return parse_study(docs[0], str(p))
+
+
+def resolve_data_path(site: Site, base_dir: Path) -> Path | None:
+    """The file a site reads, relative paths taken from the study file's folder."""
+    if site.data.path is None:
+        return None
+    p = Path(site.data.path).expanduser()
+    return p if p.is_absolute() else (base_dir / p)
+
+
+def check_local_files(study: FederatedStudy, base_dir: Path, sites: Iterable[str] | None = None
+                      ) -> None:
+    """Checks the data files of the named sites (all by default) exist on this machine."""
+    wanted = set(sites) if sites is not None else None
+    problems = []
+    for i, site in enumerate(study.spec.sites):
+        if wanted is not None and site.name not in wanted:
+            continue
+        p = resolve_data_path(site, base_dir)
+        if p is None:
+            continue
+        if not p.exists():
+            problems.append(f"spec.sites[{i}].data.path: no such file: {p}")
+        elif not p.is_file():
+            problems.append(f"spec.sites[{i}].data.path: not a regular file: {p}")
+    if problems:
+        raise StudyError(problems)
+
+
+def check_irb(study: FederatedStudy, today: dt.date | None = None) -> None:
+    """Refuses a study whose IRB approval has lapsed."""
+    irb = study.spec.governance.irb
+    if irb is None:
+        return
+    today = today or dt.date.today()
+    if irb.approvedUntil < today:
+        raise StudyError(
+            [f"spec.governance.irb.approvedUntil: IRB approval of protocol {irb.protocol} "
+             f"expired on {irb.approvedUntil.isoformat()} (today is {today.isoformat()}); "
+             "renew the approval and update the date"]
+        )

@@ -1,0 +1,1 @@
+"""The wire protocol: generated from proto/fedstudy/wire/*.proto by scripts/gen-proto.sh."""

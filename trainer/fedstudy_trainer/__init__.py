@@ -1,0 +1,1 @@
+"""The site trainer: data, preprocessing, models, local training, evaluation."""
