@@ -48,37 +48,54 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             status = 1
             continue
         s = study.spec
-        print(f"{path}: valid: study {study.name}, {len(s.sites)} sites, {s.rounds} rounds, "
-              f"{s.strategy.name}, model {s.model.name}")
+        print(
+            f"{path}: valid: study {study.name}, {len(s.sites)} sites, {s.rounds} rounds, "
+            f"{s.strategy.name}, model {s.model.name}"
+        )
     return status
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedstudy.local import run_study
 
-    return run_study(Path(args.study), out=Path(args.out) if args.out else None,
-                     progress=args.progress, keep_state=args.keep_state)
+    return run_study(
+        Path(args.study),
+        out=Path(args.out) if args.out else None,
+        progress=args.progress,
+        keep_state=args.keep_state,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fedstudy", description="Federated learning studies across hospitals.")
+        prog="fedstudy", description="Federated learning studies across hospitals."
+    )
     parser.add_argument("--version", action="version", version=f"fedstudy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("validate", help="check study files and say what is wrong")
     p.add_argument("study", nargs="+", help="study file(s), YAML")
-    p.add_argument("--no-files", action="store_true",
-                   help="do not check that the sites' data files exist on this machine")
+    p.add_argument(
+        "--no-files",
+        action="store_true",
+        help="do not check that the sites' data files exist on this machine",
+    )
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="run a whole study on this machine")
     p.add_argument("study", help="study file, YAML")
     p.add_argument("--out", help="output folder (default: fedstudy-out/<study name>)")
-    p.add_argument("--progress", choices=["auto", "live", "plain"], default="auto",
-                   help="live display in a terminal, plain lines otherwise (default: auto)")
-    p.add_argument("--keep-state", action="store_true",
-                   help="resume from the output folder's state instead of starting afresh")
+    p.add_argument(
+        "--progress",
+        choices=["auto", "live", "plain"],
+        default="auto",
+        help="live display in a terminal, plain lines otherwise (default: auto)",
+    )
+    p.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="resume from the output folder's state instead of starting afresh",
+    )
     p.set_defaults(func=_cmd_run)
 
     for name, (_, _, help_text) in COMPONENT_COMMANDS.items():

@@ -339,8 +339,6 @@ def format_validation_error(err: ValidationError) -> list[str]:
             msg = f"unknown field (value {_short(e['input'])})"
         elif kind == "missing":
             msg = "required field is missing"
-        elif kind == "literal_error":
-            msg = f"{msg}, got {_short(e['input'])}"
         elif kind not in ("value_error", "assertion_error") and "input" in e:
             msg = f"{msg}, got {_short(e['input'])}"
         problems.append(f"{_path(loc)}: {msg}")
@@ -351,8 +349,10 @@ def parse_study(doc: Any, source: str | None = None) -> FederatedStudy:
     """Validates a document (already parsed from YAML/JSON) as a FederatedStudy."""
     if not isinstance(doc, dict):
         raise StudyError(
-            [f"(document): a study is a mapping with apiVersion, kind, metadata and spec, "
-             f"got {type(doc).__name__}"],
+            [
+                f"(document): a study is a mapping with apiVersion, kind, metadata and spec, "
+                f"got {type(doc).__name__}"
+            ],
             source,
         )
     try:
@@ -392,8 +392,9 @@ def resolve_data_path(site: Site, base_dir: Path) -> Path | None:
     return p if p.is_absolute() else (base_dir / p)
 
 
-def check_local_files(study: FederatedStudy, base_dir: Path, sites: Iterable[str] | None = None
-                      ) -> None:
+def check_local_files(
+    study: FederatedStudy, base_dir: Path, sites: Iterable[str] | None = None
+) -> None:
     """Checks the data files of the named sites (all by default) exist on this machine."""
     wanted = set(sites) if sites is not None else None
     problems = []
@@ -419,7 +420,9 @@ def check_irb(study: FederatedStudy, today: dt.date | None = None) -> None:
     today = today or dt.date.today()
     if irb.approvedUntil < today:
         raise StudyError(
-            [f"spec.governance.irb.approvedUntil: IRB approval of protocol {irb.protocol} "
-             f"expired on {irb.approvedUntil.isoformat()} (today is {today.isoformat()}); "
-             "renew the approval and update the date"]
+            [
+                f"spec.governance.irb.approvedUntil: IRB approval of protocol {irb.protocol} "
+                f"expired on {irb.approvedUntil.isoformat()} (today is {today.isoformat()}); "
+                "renew the approval and update the date"
+            ]
         )

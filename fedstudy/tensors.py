@@ -67,29 +67,39 @@ def digest(weights: Mapping[str, Array]) -> str:
     h = hashlib.sha256()
     for name, arr in weights.items():
         h.update(f"{name}\0{arr.dtype.name}\0{list(arr.shape)}\0".encode())
-        h.update(np.ascontiguousarray(arr).data)
+        h.update(_contiguous(arr).reshape(-1).view(np.uint8).data)
     return h.hexdigest()
 
 
+def _contiguous(arr: Array) -> Array:
+    # np.ascontiguousarray would turn a 0-d array into a 1-d one.
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
 def _le(arr: Array) -> Array:
-    a = np.ascontiguousarray(arr)
+    a = _contiguous(arr)
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
     return a
 
 
-def to_chunks(weights: Mapping[str, Array], chunk_bytes: int = DEFAULT_CHUNK_BYTES
-              ) -> Iterator[tensors_pb2.TensorChunk]:
+def to_chunks(
+    weights: Mapping[str, Array], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[tensors_pb2.TensorChunk]:
     """Streams each tensor as one or more chunks; the first carries dtype, shape and size."""
     for name, arr in weights.items():
         a = _le(arr)
         if a.dtype.name not in ALLOWED_DTYPES:
             raise WireError("wrong-dtype", f"tensor {name}: dtype {a.dtype.name} cannot be sent")
-        raw = memoryview(a.reshape(-1).view(np.uint8))
+        raw = a.reshape(-1).view(np.uint8).data
         size = len(raw)
         first = tensors_pb2.TensorChunk(
-            name=name, dtype=a.dtype.name, shape=[int(d) for d in a.shape], total_bytes=size,
-            offset=0, data=bytes(raw[:chunk_bytes]),
+            name=name,
+            dtype=a.dtype.name,
+            shape=[int(d) for d in a.shape],
+            total_bytes=size,
+            offset=0,
+            data=bytes(raw[:chunk_bytes]),
         )
         yield first
         offset = min(chunk_bytes, size)
@@ -107,8 +117,13 @@ class TensorAssembler:
     stream. ``check_finite`` refuses NaN and infinity in floating tensors.
     """
 
-    def __init__(self, expected: Iterable[TensorSpec] | None = None, *,
-                 max_bytes: int | None = None, check_finite: bool = True) -> None:
+    def __init__(
+        self,
+        expected: Iterable[TensorSpec] | None = None,
+        *,
+        max_bytes: int | None = None,
+        check_finite: bool = True,
+    ) -> None:
         self.expected = {s.name: s for s in expected} if expected is not None else None
         self.max_bytes = max_bytes
         self.check_finite = check_finite
@@ -124,12 +139,16 @@ class TensorAssembler:
             self._start(chunk)
         elif chunk.name != self._current:
             raise WireError(
-                "bad-stream", f"chunk of tensor {chunk.name!r} at offset {chunk.offset} arrived "
-                f"while {self._current!r} was open (tensors must not interleave)")
+                "bad-stream",
+                f"chunk of tensor {chunk.name!r} at offset {chunk.offset} arrived "
+                f"while {self._current!r} was open (tensors must not interleave)",
+            )
         if chunk.offset != self._filled:
             raise WireError(
-                "bad-stream", f"tensor {chunk.name}: chunk at offset {chunk.offset}, "
-                f"expected {self._filled} (gap or overlap)")
+                "bad-stream",
+                f"tensor {chunk.name}: chunk at offset {chunk.offset}, "
+                f"expected {self._filled} (gap or overlap)",
+            )
         assert self._buf is not None
         n = len(chunk.data)
         if self._filled + n > len(self._buf):
@@ -137,7 +156,7 @@ class TensorAssembler:
         self.received_bytes += n
         if self.max_bytes is not None and self.received_bytes > self.max_bytes:
             raise WireError("too-large", f"stream passed its bound of {self.max_bytes} bytes")
-        self._buf[self._filled:self._filled + n] = chunk.data
+        self._buf[self._filled : self._filled + n] = chunk.data
         self._filled += n
 
     def _start(self, chunk: tensors_pb2.TensorChunk) -> None:
@@ -157,21 +176,30 @@ class TensorAssembler:
             if want is None:
                 raise WireError("unknown-tensor", f"tensor {name} is not part of the model")
             if want.dtype != spec.dtype:
-                raise WireError("wrong-dtype",
-                                f"tensor {name}: dtype {spec.dtype}, the model has {want.dtype}")
+                raise WireError(
+                    "wrong-dtype", f"tensor {name}: dtype {spec.dtype}, the model has {want.dtype}"
+                )
             if want.shape != spec.shape:
-                raise WireError("wrong-shape", f"tensor {name}: shape {list(spec.shape)}, "
-                                f"the model has {list(want.shape)}")
+                raise WireError(
+                    "wrong-shape",
+                    f"tensor {name}: shape {list(spec.shape)}, the model has {list(want.shape)}",
+                )
         if chunk.total_bytes != spec.nbytes:
-            raise WireError("bad-stream", f"tensor {name}: total_bytes {chunk.total_bytes} does "
-                            f"not match {spec.describe()} ({spec.nbytes} bytes)")
+            raise WireError(
+                "bad-stream",
+                f"tensor {name}: total_bytes {chunk.total_bytes} does "
+                f"not match {spec.describe()} ({spec.nbytes} bytes)",
+            )
         if self.max_bytes is not None and self.received_bytes + spec.nbytes > self.max_bytes:
-            raise WireError("too-large", f"tensor {name} ({spec.nbytes} bytes) would pass the "
-                            f"stream's bound of {self.max_bytes} bytes")
+            raise WireError(
+                "too-large",
+                f"tensor {name} ({spec.nbytes} bytes) would pass the "
+                f"stream's bound of {self.max_bytes} bytes",
+            )
         arr = np.empty(shape, dtype=np.dtype(spec.dtype).newbyteorder("<"))
         self.weights[name] = arr
         self._current = name
-        self._buf = memoryview(arr.reshape(-1).view(np.uint8))
+        self._buf = arr.reshape(-1).view(np.uint8).data
         self._filled = 0
 
     def _finish_current(self) -> None:
@@ -179,8 +207,11 @@ class TensorAssembler:
             return
         assert self._buf is not None
         if self._filled != len(self._buf):
-            raise WireError("bad-stream", f"tensor {self._current}: stream ended after "
-                            f"{self._filled} of {len(self._buf)} bytes")
+            raise WireError(
+                "bad-stream",
+                f"tensor {self._current}: stream ended after "
+                f"{self._filled} of {len(self._buf)} bytes",
+            )
         arr = self.weights[self._current]
         if self.check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise WireError("non-finite", f"tensor {self._current} holds NaN or infinity")
@@ -199,9 +230,11 @@ class TensorAssembler:
         return self.weights
 
 
-def from_chunks(chunks: Iterable[tensors_pb2.TensorChunk],
-                expected: Iterable[TensorSpec] | None = None,
-                max_bytes: int | None = None) -> Weights:
+def from_chunks(
+    chunks: Iterable[tensors_pb2.TensorChunk],
+    expected: Iterable[TensorSpec] | None = None,
+    max_bytes: int | None = None,
+) -> Weights:
     asm = TensorAssembler(expected, max_bytes=max_bytes)
     for c in chunks:
         asm.add(c)

@@ -1,0 +1,388 @@
+"""The local engine: ``fedstudy run study.yaml`` runs a whole study on this machine.
+
+It starts the very entry points the operator puts in pods (``fedstudy aggregator`` and one
+``fedstudy trainer`` per site) as processes on loopback, shows progress from the
+aggregator's ``/status``, and stops everything when one of them fails or on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from fedstudy.spec import FederatedStudy, StudyError, check_irb, check_local_files, load_study
+
+OUTPUT_FILES = ("model.safetensors", "metrics.jsonl", "summary.json")
+STARTUP_TIMEOUT_S = 60.0
+
+
+class StudyFailed(RuntimeError):
+    pass
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Asks Linux to send SIGTERM to the child if the engine dies without cleaning up."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Supervisor:
+    """Starts and watches the study's processes; ``stop`` leaves none behind."""
+
+    log_dir: Path
+    children: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, args: list[str]) -> Child:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedstudy", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        child = Child(name, proc, log_path, log_file)
+        self.children.append(child)
+        return child
+
+    def failed(self) -> Child | None:
+        for c in self.children:
+            rc = c.proc.poll()
+            if rc is not None and rc != 0:
+                return c
+        return None
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        for c in self.children:
+            if c.proc.poll() is None:
+                c.proc.terminate()
+        deadline = time.monotonic() + grace_s
+        for c in self.children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            if c.proc.poll() is None:
+                c.proc.kill()
+                c.proc.wait()
+            c.log_file.close()
+
+
+def _get_status(http_addr: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://{http_addr}/status", timeout=timeout) as r:
+            data: dict[str, Any] = json.load(r)
+            return data
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+class Progress:
+    """Live table in a terminal, one plain line per completed round otherwise."""
+
+    def __init__(self, study: FederatedStudy, mode: str, console: Console) -> None:
+        self.study = study
+        self.metric = study.spec.task.metric
+        self.console = console
+        self.live_mode = mode == "live" or (mode == "auto" and console.is_terminal)
+        self.live: Live | None = None
+        self._last_round = -1
+        self._last_state = ""
+
+    def __enter__(self) -> Progress:
+        if self.live_mode:
+            self.live = Live(console=self.console, refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def update(self, status: dict[str, Any]) -> None:
+        if self.live is not None:
+            self.live.update(self._table(status))
+            return
+        done = int(status.get("completed_rounds", 0))
+        state = str(status.get("state", ""))
+        if state != self._last_state and state in ("waiting", "finishing"):
+            self.console.print(f"study {self.study.name}: {state}")
+        self._last_state = state
+        if done > self._last_round:
+            if done > 0:
+                g = status.get("global") or {}
+                metrics = " ".join(f"{k} {_fmt(v)}" for k, v in sorted(g.items()))
+                self.console.print(
+                    f"round {done}/{status.get('planned_rounds')} complete"
+                    + (f": global {metrics}" if metrics else "")
+                )
+            self._last_round = done
+
+    def _table(self, status: dict[str, Any]) -> Table:
+        spec = self.study.spec
+        title = (
+            f"{self.study.name}: {status.get('state')} - round "
+            f"{status.get('completed_rounds')}/{status.get('planned_rounds')} done, "
+            f"{len(status.get('joined', []))}/{len(spec.sites)} sites joined"
+        )
+        table = Table(title=title, title_justify="left")
+        for col in ("site", "joined", "last round", "train rows", "loss", "auc", "accuracy"):
+            table.add_column(col, justify="left" if col == "site" else "right")
+        sites: dict[str, Any] = status.get("sites", {})
+        for s in spec.sites:
+            info = sites.get(s.name, {})
+            m = info.get("metrics") or {}
+            table.add_row(
+                s.name,
+                "yes" if info.get("joined") else "no",
+                _fmt(info.get("last_round")),
+                _fmt(info.get("train_samples")),
+                _fmt(m.get("loss")),
+                _fmt(m.get("auc")),
+                _fmt(m.get("accuracy")),
+            )
+        g = status.get("global") or {}
+        if g:
+            table.add_row(
+                "global",
+                "",
+                "",
+                "",
+                _fmt(g.get("loss")),
+                _fmt(g.get("auc")),
+                _fmt(g.get("accuracy")),
+                style="bold",
+            )
+        return table
+
+
+def summary_table(summary: dict[str, Any], metric: str) -> Table:
+    """The per-site comparison: what federation bought each hospital."""
+    table = Table(
+        title=f"local only vs federated ({metric} on each site's test split)", title_justify="left"
+    )
+    for col in ("site", "train rows", "test rows", "local only", "federated", "change"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for name, s in summary.get("sites", {}).items():
+        fed = (s.get("federated") or {}).get(metric)
+        loc = (s.get("local_only") or {}).get(metric)
+        change = "-"
+        if isinstance(fed, (int, float)) and isinstance(loc, (int, float)):
+            change = f"{fed - loc:+.3f}"
+        table.add_row(
+            name,
+            _fmt(s.get("train_samples")),
+            _fmt(s.get("test_samples")),
+            _fmt(loc),
+            _fmt(fed),
+            change,
+        )
+    g = summary.get("global", {})
+    mean = (g.get("site_mean") or {}).get(metric)
+    weighted = (g.get("weighted") or {}).get(metric)
+    table.add_row("mean over sites", "", "", "", _fmt(mean), "", style="bold")
+    table.add_row("weighted by test rows", "", "", "", _fmt(weighted), "", style="bold")
+    return table
+
+
+@contextlib.contextmanager
+def _signals_stop(sup: Supervisor) -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        sup.stop()
+
+
+def _wait_endpoint(path: Path, child: Child, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            raise StudyFailed(
+                f"the aggregator exited (code {child.proc.returncode}) "
+                f"before it was ready:\n{child.tail()}"
+            )
+        with contextlib.suppress(OSError, ValueError):
+            ep: dict[str, Any] = json.loads(path.read_text())
+            if ep.get("pid") == child.proc.pid:
+                return ep
+        time.sleep(0.05)
+    raise StudyFailed(f"the aggregator was not ready after {timeout:.0f} s:\n{child.tail()}")
+
+
+def prepare_out(out: Path, keep_state: bool) -> None:
+    if not keep_state:
+        shutil.rmtree(out / "state", ignore_errors=True)
+        shutil.rmtree(out / "logs", ignore_errors=True)
+        for f in OUTPUT_FILES:
+            (out / f).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_study(
+    study_path: Path,
+    out: Path | None = None,
+    progress: str = "auto",
+    keep_state: bool = False,
+    console: Console | None = None,
+) -> int:
+    """Runs the study; returns the process exit code (0 when it completed)."""
+    console = console or Console(stderr=False)
+    err = Console(stderr=True)
+    try:
+        study = load_study(study_path)
+        check_local_files(study, study_path.resolve().parent)
+        check_irb(study)
+    except StudyError as e:
+        err.print(f"{study_path}: cannot run this study", markup=False)
+        for p in e.problems:
+            err.print(f"  {p}", markup=False)
+        return 2
+
+    out = (out or Path("fedstudy-out") / study.name).resolve()
+    prepare_out(out, keep_state)
+    study_file = str(study_path.resolve())
+    sup = Supervisor(out / "logs")
+    agg_state = out / "state" / "aggregator"
+    agg_state.mkdir(parents=True, exist_ok=True)
+    (agg_state / "endpoint.json").unlink(missing_ok=True)
+    console.print(
+        f"study {study.name}: {len(study.spec.sites)} sites, {study.spec.rounds} "
+        f"rounds, {study.spec.strategy.name}; output in {out}",
+        markup=False,
+    )
+    started = time.monotonic()
+    try:
+        with _signals_stop(sup):
+            agg = sup.start(
+                "aggregator",
+                [
+                    "aggregator",
+                    "--study",
+                    study_file,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--http",
+                    "127.0.0.1:0",
+                    "--state-dir",
+                    str(agg_state),
+                    "--out",
+                    str(out),
+                    "--linger",
+                    "10",
+                ],
+            )
+            ep = _wait_endpoint(agg_state / "endpoint.json", agg, STARTUP_TIMEOUT_S)
+            for site in study.spec.sites:
+                sup.start(
+                    f"trainer-{site.name}",
+                    [
+                        "trainer",
+                        "--study",
+                        study_file,
+                        "--site",
+                        site.name,
+                        "--aggregator",
+                        str(ep["grpc"]),
+                        "--state-dir",
+                        str(out / "state" / "sites" / site.name),
+                    ],
+                )
+            with Progress(study, progress, console) as prog:
+                while True:
+                    bad = sup.failed()
+                    if bad is not None:
+                        raise StudyFailed(
+                            f"{bad.name} exited with code {bad.proc.returncode}:\n{bad.tail()}"
+                        )
+                    if agg.proc.poll() == 0:
+                        break
+                    status = _get_status(str(ep["http"]))
+                    if status is not None:
+                        prog.update(status)
+                    time.sleep(0.25)
+            # The aggregator is done; the trainers were told and exit by themselves.
+            for c in sup.children:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    c.proc.wait(timeout=15)
+                if c.proc.returncode not in (0, None):
+                    raise StudyFailed(f"{c.name} exited with code {c.proc.returncode}:\n{c.tail()}")
+    except KeyboardInterrupt:
+        err.print("interrupted: stopped the aggregator and every trainer")
+        return 130
+    except StudyFailed as e:
+        err.print(f"study {study.name} failed: {e}", markup=False)
+        err.print(f"logs: {out / 'logs'}", markup=False)
+        return 1
+
+    summary_path = out / "summary.json"
+    try:
+        summary: dict[str, Any] = json.loads(summary_path.read_text())
+    except (OSError, ValueError) as e:
+        err.print(f"study {study.name}: no readable summary at {summary_path}: {e}")
+        return 1
+    console.print(summary_table(summary, study.spec.task.metric))
+    elapsed = time.monotonic() - started
+    if not summary.get("completed", False):
+        err.print(
+            f"study {study.name} ended early after {summary.get('rounds_completed')} "
+            f"rounds: {summary.get('ended_reason')}",
+            markup=False,
+        )
+        return 1
+    console.print(
+        f"study {study.name} completed {summary.get('rounds_completed')} rounds in "
+        f"{elapsed:.1f} s; outputs in {out}",
+        markup=False,
+    )
+    return 0

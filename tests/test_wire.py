@@ -1,0 +1,115 @@
+"""The wire: generated stubs match the .proto files; tensors survive chunking; bad streams fail."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedstudy.tensors import (
+    TensorAssembler,
+    TensorSpec,
+    WireError,
+    digest,
+    from_chunks,
+    signature,
+    to_chunks,
+)
+from fedstudy.wire import tensors_pb2
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generated_stubs_match_proto_files(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHON=sys.executable)
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gen-proto.sh"), str(tmp_path)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    checked_in = sorted(p.relative_to(ROOT) for p in (ROOT / "fedstudy" / "wire").glob("*_pb2*"))
+    assert fresh == checked_in, "the set of generated files differs: run scripts/gen-proto.sh"
+    for rel in fresh:
+        assert (tmp_path / rel).read_bytes() == (ROOT / rel).read_bytes(), (
+            f"{rel} drifted from proto/: run scripts/gen-proto.sh and commit the result"
+        )
+
+
+def _model() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "layer.weight": rng.standard_normal((33, 17)).astype(np.float32),
+        "layer.bias": rng.standard_normal(17).astype(np.float32),
+        "steps": np.array(7, dtype=np.int64),
+        "empty": np.zeros((0, 3), dtype=np.float64),
+    }
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 1 << 20])
+def test_round_trip_at_any_chunk_size(chunk_bytes: int) -> None:
+    model = _model()
+    chunks = list(to_chunks(model, chunk_bytes=chunk_bytes))
+    assert all(len(c.data) <= chunk_bytes for c in chunks)
+    back = from_chunks(chunks, expected=signature(model))
+    assert list(back) == list(model)
+    for k in model:
+        assert back[k].dtype == model[k].dtype
+        np.testing.assert_array_equal(back[k], model[k])
+    assert digest(back) == digest(model)
+
+
+def test_big_endian_input_arrives_as_the_same_values() -> None:
+    arr = np.arange(10, dtype=">f4")
+    back = from_chunks(to_chunks({"x": arr}))
+    np.testing.assert_array_equal(back["x"], arr)
+
+
+def _refusal(
+    chunks: list[tensors_pb2.TensorChunk],
+    expected: list[TensorSpec] | None = None,
+    max_bytes: int | None = None,
+) -> str:
+    with pytest.raises(WireError) as info:
+        from_chunks(chunks, expected=expected, max_bytes=max_bytes)
+    return info.value.reason
+
+
+def test_refusals_name_their_reason() -> None:
+    model = _model()
+    sig = signature(model)
+    chunks = list(to_chunks(model, chunk_bytes=64))
+    assert _refusal(chunks[:-1], sig) == "missing-tensor"
+    assert _refusal(chunks[1:], sig) == "bad-stream"  # starts mid-tensor
+    assert _refusal([*chunks[:2], chunks[1]], sig) == "bad-stream"  # overlap
+    assert _refusal(chunks, sig, max_bytes=100) == "too-large"
+    renamed = list(to_chunks({"other": model["layer.bias"]}))
+    assert _refusal(renamed, sig) == "unknown-tensor"
+    wrong_shape = list(to_chunks({"layer.bias": np.zeros(16, np.float32)}))
+    assert _refusal(wrong_shape, sig) == "wrong-shape"
+    wrong_dtype = list(to_chunks({"layer.bias": np.zeros(17, np.float64)}))
+    assert _refusal(wrong_dtype, sig) == "wrong-dtype"
+    for bad in (np.nan, np.inf, -np.inf):
+        arr = model["layer.bias"].copy()
+        arr[3] = bad
+        assert _refusal(list(to_chunks({"layer.bias": arr}))) == "non-finite"
+    lying = tensors_pb2.TensorChunk(
+        name="x", dtype="float32", shape=[2], total_bytes=4, data=b"\0" * 4
+    )
+    assert _refusal([lying]) == "bad-stream"
+    odd = tensors_pb2.TensorChunk(name="x", dtype="object", shape=[1], total_bytes=8)
+    assert _refusal([odd]) == "wrong-dtype"
+
+
+def test_assembler_counts_bytes() -> None:
+    model = _model()
+    asm = TensorAssembler(signature(model))
+    for c in to_chunks(model, chunk_bytes=100):
+        asm.add(c)
+    asm.finish()
+    assert asm.received_bytes == sum(v.nbytes for v in model.values())
