@@ -66,6 +66,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_certs_init(args: argparse.Namespace) -> int:
+    from fedstudy.certs import init_ca_dir
+
+    try:
+        d = init_ca_dir(args.study, Path(args.dir), days=args.days, force=args.force)
+    except FileExistsError as e:
+        print(f"fedstudy certs init: {e}", file=sys.stderr)
+        return 1
+    print(f"CA for study {args.study}: {d / 'ca.crt'} (key {d / 'ca.key'}, keep it private)")
+    return 0
+
+
+def _cmd_certs_issue(args: argparse.Namespace) -> int:
+    from fedstudy.certs import CA_CERT, CA_KEY, issue_cert, secret_manifest, write_credentials
+
+    ca_dir = Path(args.dir)
+    try:
+        ca_cert, ca_key = (ca_dir / CA_CERT).read_bytes(), (ca_dir / CA_KEY).read_bytes()
+    except FileNotFoundError as e:
+        print(
+            f"fedstudy certs issue: no CA at {e.filename}: run fedstudy certs init first",
+            file=sys.stderr,
+        )
+        return 1
+    creds = issue_cert(
+        args.name, ca_cert, ca_key, server=args.server, hosts=args.host, days=args.days
+    )
+    out = Path(args.out) if args.out else ca_dir / args.name
+    write_credentials(creds, out, args.name)
+    print(f"certificate for {args.name}: {out / (args.name + '.crt')}", file=sys.stderr)
+    if args.secret:
+        default = f"{args.study}-{args.name}-tls" if args.study else f"{args.name}-tls"
+        print(secret_manifest(creds, args.secret_name or default, args.namespace), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedstudy", description="Federated learning studies across hospitals."
@@ -97,6 +133,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume from the output folder's state instead of starting afresh",
     )
     p.set_defaults(func=_cmd_run)
+
+    certs = sub.add_parser("certs", help="a CA per study, certificates for sites and aggregator")
+    csub = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
+    p = csub.add_parser("init", help="create the study's certificate authority")
+    p.add_argument("--study", required=True, help="the study's name")
+    p.add_argument("--dir", default="certs", help="where ca.crt and ca.key go (default: certs)")
+    p.add_argument("--days", type=int, default=730, help="validity (default: 730)")
+    p.add_argument("--force", action="store_true", help="replace an existing CA")
+    p.set_defaults(func=_cmd_certs_init)
+    p = csub.add_parser("issue", help="issue a site's (or the aggregator's) certificate")
+    p.add_argument("name", help="the site's name as in the study (or 'aggregator' with --server)")
+    p.add_argument("--dir", default="certs", help="the CA's folder (default: certs)")
+    p.add_argument("--out", help="where the certificate goes (default: <dir>/<name>)")
+    p.add_argument("--server", action="store_true", help="a server certificate (aggregator)")
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a DNS name or IP address clients dial (server; repeatable)",
+    )
+    p.add_argument("--days", type=int, default=365, help="validity (default: 365)")
+    p.add_argument(
+        "--secret",
+        action="store_true",
+        help="also print a Kubernetes Secret manifest (type kubernetes.io/tls)",
+    )
+    p.add_argument("--study", help="the study's name, for the Secret's name <study>-<name>-tls")
+    p.add_argument("--secret-name", help="the Secret's name (overrides the default)")
+    p.add_argument("--namespace", help="the Secret's namespace")
+    p.set_defaults(func=_cmd_certs_issue)
 
     for name, (_, _, help_text) in COMPONENT_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, add_help=False)
