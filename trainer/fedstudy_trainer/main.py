@@ -1,0 +1,144 @@
+"""``fedstudy trainer``: one site's trainer process. It dials out to the aggregator.
+
+Exit codes: 0 the study is done; 2 the study, the data or the join was refused (the message
+says why); 3 the aggregator could not be reached for ``--connect-timeout`` seconds;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from fedstudy import logs
+from fedstudy.spec import StudyError, load_study
+from fedstudy.wire import aggregator_pb2_grpc
+from fedstudy_trainer.client import (
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    GaveUp,
+    JoinRefused,
+    SiteTrainer,
+)
+from fedstudy_trainer.data import DataError, load_site_data
+
+COMPONENT = "fedstudy.trainer"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedstudy trainer",
+        description="Run one site's trainer: read the site's data, join the aggregator and "
+        "train the rounds it hands out.",
+    )
+    parser.add_argument("--study", required=True, help="study file (YAML)")
+    parser.add_argument("--site", required=True, help="this site's name, as the study lists it")
+    parser.add_argument(
+        "--aggregator",
+        required=True,
+        metavar="ADDR",
+        help="the aggregator's gRPC address, host:port",
+    )
+    parser.add_argument(
+        "--state-dir",
+        required=True,
+        metavar="DIR",
+        help="folder for this site's state (trainer.json)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up (exit 3) after this long without a successful call (default: 600)",
+    )
+    parser.add_argument(
+        "--wait-seconds",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a task request may wait at the aggregator (default: 10)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: info)",
+    )
+    return parser
+
+
+def _fail(log: logging.Logger, event: str, message: str, code: int, **fields: object) -> int:
+    logs.event(log, event, logging.ERROR, error=message, exit_code=code, **fields)
+    print(f"fedstudy trainer: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    log = logs.setup(COMPONENT, args.log_level)
+
+    import torch
+
+    torch.set_num_threads(1)
+
+    study_path = Path(args.study).resolve()
+    try:
+        study = load_study(study_path)
+        site = study.spec.site(args.site)
+    except StudyError as e:
+        return _fail(log, "study-invalid", str(e), EXIT_REFUSED)
+    except KeyError:
+        names = ", ".join(s.name for s in study.spec.sites)
+        return _fail(
+            log,
+            "unknown-site",
+            f"site {args.site!r} is not in study {study.name} (sites: {names})",
+            EXIT_REFUSED,
+        )
+    try:
+        data = load_site_data(study, site.name, study_path.parent)
+    except DataError as e:
+        return _fail(log, "data-invalid", str(e), EXIT_REFUSED)
+    logs.event(
+        log,
+        "data-loaded",
+        source=data.source,
+        rows_read=data.rows_read,
+        rows_used=data.rows_used,
+        train_samples=data.n_train,
+        test_samples=data.n_test,
+        features=data.n_features,
+    )
+
+    channel = grpc.insecure_channel(args.aggregator)
+    try:
+        trainer = SiteTrainer(
+            study,
+            site.name,
+            data,
+            aggregator_pb2_grpc.AggregatorStub(channel),
+            Path(args.state_dir),
+            log,
+            connect_timeout=args.connect_timeout,
+            wait_seconds=args.wait_seconds,
+        )
+        return trainer.run()
+    except JoinRefused as e:
+        return _fail(log, "join-refused", str(e), EXIT_REFUSED, reason=e.reason)
+    except GaveUp as e:
+        return _fail(log, "gave-up", str(e), EXIT_UNREACHABLE, aggregator=args.aggregator)
+    except KeyboardInterrupt:
+        logs.event(log, "interrupted", logging.WARNING)
+        return 130
+    finally:
+        channel.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

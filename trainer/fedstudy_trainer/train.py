@@ -1,0 +1,144 @@
+"""Local training, evaluation and the local-only baseline.
+
+Training is reproducible: the minibatch order (and dropout) of a site's round comes from a
+seed derived from the study's seed, the site's name and the round, so a restarted trainer
+that trains the same round from the same global model sends the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.nn import functional
+
+from fedstudy.spec import StudySpec, Training
+from fedstudy_trainer.data import SiteDataset
+from fedstudy_trainer.models import build_model
+
+FloatArray = npt.NDArray[np.float32]
+
+# The stream of random numbers of the local-only baseline (rounds are 1, 2, ...).
+BASELINE_STREAM = "local-baseline"
+
+
+def derive_seed(study_seed: int, site: str, stream: int | str) -> int:
+    """A 63-bit seed from the study's seed, the site's name and a stream (a round number)."""
+    digest = hashlib.sha256(f"{study_seed}\0{site}\0{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def minibatches(
+    n: int, batch_size: int, rng: np.random.Generator
+) -> Iterator[npt.NDArray[np.int64]]:
+    """Row indices, batch after batch, cycling through freshly shuffled epochs.
+
+    The last batch of an epoch may be smaller (as a PyTorch DataLoader without drop_last).
+    """
+    if n < 1:
+        raise ValueError("no training rows")
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss (the data loss, without the proximal term) over the steps
+    steps: int
+    seconds: float
+
+
+def _optimizer(params: list[nn.Parameter], training: Training) -> torch.optim.Optimizer:
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=training.learningRate,
+            momentum=training.momentum,
+            weight_decay=training.weightDecay,
+        )
+    return torch.optim.Adam(params, lr=training.learningRate, weight_decay=training.weightDecay)
+
+
+def train_local(
+    model: nn.Module,
+    x: FloatArray,
+    y: FloatArray,
+    training: Training,
+    *,
+    seed: int,
+    steps: int | None = None,
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """Runs ``steps`` (default ``training.localSteps``) optimizer steps on (x, y) in place.
+
+    With ``proximal_mu > 0`` (FedProx) each step's loss adds ``mu/2 * ||w - w0||²``, ``w0``
+    being the weights the model had on entry (the global model).
+    """
+    n_steps = training.localSteps if steps is None else steps
+    started = time.perf_counter()
+    features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    optimizer = _optimizer(params, training)
+    batches = minibatches(len(labels), training.batchSize, np.random.default_rng(seed))
+    total = 0.0
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout masks
+        for _ in range(n_steps):
+            rows = torch.from_numpy(next(batches))
+            optimizer.zero_grad(set_to_none=True)
+            loss = functional.binary_cross_entropy_with_logits(model(features[rows]), labels[rows])
+            objective = loss
+            if anchor:
+                drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                objective = loss + 0.5 * proximal_mu * drift
+            objective.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            total += float(loss.detach())
+    model.eval()
+    return TrainResult(
+        loss=total / n_steps if n_steps else math.nan,
+        steps=n_steps,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def evaluate(model: nn.Module, x: FloatArray, y: FloatArray) -> dict[str, float]:
+    """Loss, accuracy (sigmoid > 0.5) and AUC; ``auc`` is left out when y has one class."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+        loss = float(functional.binary_cross_entropy_with_logits(logits, labels))
+        probs = torch.sigmoid(logits).numpy().astype(np.float64)
+    truth = np.asarray(y, dtype=np.float64)
+    metrics = {"loss": loss, "accuracy": float(((probs > 0.5) == (truth > 0.5)).mean())}
+    if len(np.unique(truth)) == 2:
+        metrics["auc"] = float(roc_auc_score(truth, probs))
+    return metrics
+
+
+def local_baseline(spec: StudySpec, site: str, data: SiteDataset) -> dict[str, float]:
+    """The site's local-only model: same model and seed, ``rounds * localSteps`` steps here."""
+    model = build_model(spec.model, data.n_features, spec.seed)
+    train_local(
+        model,
+        data.X_train,
+        data.y_train,
+        spec.training,
+        seed=derive_seed(spec.seed, site, BASELINE_STREAM),
+        steps=spec.rounds * spec.training.localSteps,
+    )
+    return evaluate(model, data.X_test, data.y_test)
