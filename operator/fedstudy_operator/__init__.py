@@ -1,0 +1,1 @@
+"""The fedstudy Kubernetes operator: FederatedStudy resources become aggregators and trainers."""
