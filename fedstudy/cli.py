@@ -18,6 +18,7 @@ from fedstudy import __version__
 COMPONENT_COMMANDS: dict[str, tuple[str, str, str]] = {
     "aggregator": ("fedstudy_aggregator.main", "main", "run a study's aggregator (gRPC server)"),
     "trainer": ("fedstudy_trainer.main", "main", "run one site's trainer (dials out)"),
+    "operator": ("fedstudy_operator.main", "main", "run the Kubernetes operator"),
 }
 
 
