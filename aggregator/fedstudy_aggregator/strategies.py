@@ -1,0 +1,300 @@
+"""How the aggregator turns a round's updates into the next global model.
+
+Every strategy has the same small lifecycle: ``begin_round(global)``, then ``accept(weights,
+num_samples)`` once per accepted update (folded at once into a running weighted mean, so
+memory stays near one model whatever the number of sites), then ``aggregate()``.
+
+The arithmetic lives in pure functions (``fold_mean``, ``finish_mean``, ``adam_step``,
+``yogi_step``) so it can be tested on hand-computed numbers.
+
+Server optimizers (FedAdam, FedYogi; Reddi et al. 2021, "Adaptive Federated Optimization")
+follow the paper without bias correction, as Flower does. Unlike Flower, the second moment
+``v`` starts at zero rather than ``tau**2``: with zero moments the first step moves each
+float parameter by about ``eta`` in the direction of the sites' average change.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from fedstudy.spec import Strategy as StrategySpec
+from fedstudy.tensors import Array, Weights
+
+FloatArray = npt.NDArray[np.floating]
+
+DEFAULT_ETA = 0.01
+DEFAULT_BETA1 = 0.9
+DEFAULT_BETA2 = 0.99
+DEFAULT_TAU = 1e-3
+
+
+def accumulator_dtype(dtype: np.dtype[np.generic]) -> np.dtype[np.floating]:
+    """The dtype a running mean of ``dtype`` is kept in: the tensor's own float type where
+    it is precise enough (float32, float64), float32 for float16, float64 for ints and bools."""
+    if dtype.kind == "f" and dtype.itemsize >= 8:
+        return np.dtype(np.float64)
+    if dtype.kind == "f":
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def fold_mean(mean: FloatArray, mean_weight: float, x: Array, weight: float) -> float:
+    """Folds ``x`` with ``weight`` into the running weighted ``mean`` (in place).
+
+    Returns the new total weight. A running mean, rather than a running sum, keeps values in
+    the tensor's range, so float16/float32 accumulators cannot overflow on large weights.
+    """
+    total = mean_weight + weight
+    if total <= 0:
+        raise ValueError("weights must be positive")
+    frac = weight / total
+    diff = np.subtract(x, mean, dtype=mean.dtype)
+    diff *= frac
+    mean += diff
+    return total
+
+
+def finish_mean(mean: FloatArray, dtype: np.dtype[np.generic]) -> Array:
+    """Casts a running mean back to the tensor's dtype: integers round, bools take the
+    weighted majority."""
+    if dtype.kind == "f":
+        return mean.astype(dtype)
+    if dtype.kind == "b":
+        return np.asarray(mean >= 0.5)
+    out: Array = np.rint(mean).astype(dtype)
+    return out
+
+
+def weighted_average(updates: list[tuple[Weights, float]]) -> Weights:
+    """The weighted mean of whole models (reference helper; strategies fold one at a time)."""
+    if not updates:
+        raise ValueError("no updates to average")
+    first = updates[0][0]
+    means = {k: v.astype(accumulator_dtype(v.dtype), copy=True) for k, v in first.items()}
+    total = updates[0][1]
+    for weights, w in updates[1:]:
+        for k, mean in means.items():
+            fold_mean(mean, total, weights[k], w)
+        total += w
+    return {k: finish_mean(means[k], first[k].dtype) for k in first}
+
+
+def adam_step(
+    current: FloatArray,
+    average: FloatArray,
+    m: FloatArray,
+    v: FloatArray,
+    *,
+    eta: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """One FedAdam server step; returns (new weights, new m, new v). Inputs are not changed."""
+    delta = average - current
+    m_new = beta1 * m + (1.0 - beta1) * delta
+    v_new = beta2 * v + (1.0 - beta2) * delta * delta
+    return current + eta * m_new / (np.sqrt(v_new) + tau), m_new, v_new
+
+
+def yogi_step(
+    current: FloatArray,
+    average: FloatArray,
+    m: FloatArray,
+    v: FloatArray,
+    *,
+    eta: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """One FedYogi server step; returns (new weights, new m, new v). Inputs are not changed."""
+    delta = average - current
+    sq = delta * delta
+    m_new = beta1 * m + (1.0 - beta1) * delta
+    v_new = v - (1.0 - beta2) * sq * np.sign(v - sq)
+    return current + eta * m_new / (np.sqrt(v_new) + tau), m_new, v_new
+
+
+class Strategy(ABC):
+    """A round's aggregation: begin, accept updates one by one, aggregate."""
+
+    name: str = ""
+
+    def __init__(self) -> None:
+        self._global: Weights | None = None
+        self._means: dict[str, FloatArray] | None = None
+        self.total_weight = 0.0
+        self.accepted = 0
+
+    def begin_round(self, global_weights: Weights) -> None:
+        """Starts a round from ``global_weights`` (kept by reference, never changed)."""
+        self._global = global_weights
+        self._means = None
+        self.total_weight = 0.0
+        self.accepted = 0
+
+    def accept(self, weights: Mapping[str, Array], num_samples: int) -> None:
+        """Folds one validated update into the running weighted mean."""
+        if self._global is None:
+            raise RuntimeError("begin_round first")
+        if num_samples <= 0:
+            raise ValueError("an update needs a positive sample count")
+        w = float(num_samples)
+        if self._means is None:
+            self._means = {
+                k: np.array(weights[k], dtype=accumulator_dtype(g.dtype), copy=True)
+                for k, g in self._global.items()
+            }
+            self.total_weight = w
+        else:
+            total = self.total_weight
+            for k, mean in self._means.items():
+                fold_mean(mean, total, weights[k], w)
+            self.total_weight = total + w
+        self.accepted += 1
+
+    def average(self) -> Weights:
+        """The weighted mean of the round's updates, in the model's dtypes."""
+        if self._global is None or self._means is None:
+            raise RuntimeError("no update was accepted this round")
+        return {k: finish_mean(self._means[k], g.dtype) for k, g in self._global.items()}
+
+    @abstractmethod
+    def aggregate(self) -> Weights:
+        """The new global model (fresh arrays)."""
+
+    def state_dict(self) -> dict[str, Array]:
+        """Optimizer state to checkpoint (empty for stateless strategies)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Array]) -> None:
+        """Restores what ``state_dict`` gave."""
+        if state:
+            raise ValueError(f"{self.name} keeps no state, got {sorted(state)}")
+
+
+class FedAvg(Strategy):
+    """The sample-weighted mean of the sites' weights (McMahan et al. 2017)."""
+
+    name = "fedavg"
+
+    def aggregate(self) -> Weights:
+        return self.average()
+
+
+class FedProx(FedAvg):
+    """FedAvg on the server; the proximal term is the trainers' (``TaskResponse.proximal_mu``)."""
+
+    name = "fedprox"
+
+
+class _ServerOptimizer(Strategy):
+    """FedAdam/FedYogi: the averaged change drives a server-side adaptive optimizer on float
+    tensors; integer and bool tensors take the plain weighted mean."""
+
+    def __init__(
+        self,
+        eta: float = DEFAULT_ETA,
+        beta1: float = DEFAULT_BETA1,
+        beta2: float = DEFAULT_BETA2,
+        tau: float = DEFAULT_TAU,
+    ) -> None:
+        super().__init__()
+        self.eta = eta
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.tau = tau
+        self.m: dict[str, FloatArray] = {}
+        self.v: dict[str, FloatArray] = {}
+
+    def _step(
+        self, current: FloatArray, average: FloatArray, m: FloatArray, v: FloatArray
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        raise NotImplementedError
+
+    def aggregate(self) -> Weights:
+        if self._global is None or self._means is None:
+            raise RuntimeError("no update was accepted this round")
+        out: Weights = {}
+        for k, g in self._global.items():
+            mean = self._means[k]
+            if g.dtype.kind != "f":
+                out[k] = finish_mean(mean, g.dtype)
+                continue
+            current = g.astype(mean.dtype)
+            m = self.m.get(k)
+            v = self.v.get(k)
+            if m is None or v is None:
+                m = np.zeros_like(mean)
+                v = np.zeros_like(mean)
+            new, self.m[k], self.v[k] = self._step(current, mean, m, v)
+            out[k] = new.astype(g.dtype)
+        return out
+
+    def state_dict(self) -> dict[str, Array]:
+        state: dict[str, Array] = {}
+        for k in self.m:
+            state[f"m/{k}"] = self.m[k]
+            state[f"v/{k}"] = self.v[k]
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Array]) -> None:
+        m: dict[str, FloatArray] = {}
+        v: dict[str, FloatArray] = {}
+        for key, arr in state.items():
+            kind, _, name = key.partition("/")
+            if kind == "m":
+                m[name] = np.asarray(arr, dtype=accumulator_dtype(arr.dtype))
+            elif kind == "v":
+                v[name] = np.asarray(arr, dtype=accumulator_dtype(arr.dtype))
+            else:
+                raise ValueError(f"{self.name}: unexpected state entry {key!r}")
+        if set(m) != set(v):
+            raise ValueError(f"{self.name}: first and second moments name different tensors")
+        self.m, self.v = m, v
+
+
+class FedAdam(_ServerOptimizer):
+    name = "fedadam"
+
+    def _step(
+        self, current: FloatArray, average: FloatArray, m: FloatArray, v: FloatArray
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        return adam_step(
+            current, average, m, v, eta=self.eta, beta1=self.beta1, beta2=self.beta2, tau=self.tau
+        )
+
+
+class FedYogi(_ServerOptimizer):
+    name = "fedyogi"
+
+    def _step(
+        self, current: FloatArray, average: FloatArray, m: FloatArray, v: FloatArray
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        return yogi_step(
+            current, average, m, v, eta=self.eta, beta1=self.beta1, beta2=self.beta2, tau=self.tau
+        )
+
+
+def make_strategy(spec: StrategySpec) -> Strategy:
+    """The strategy a study names, with its defaults filled in."""
+    if spec.name == "fedavg":
+        return FedAvg()
+    if spec.name == "fedprox":
+        return FedProx()
+    opts = {
+        "eta": DEFAULT_ETA if spec.serverLearningRate is None else spec.serverLearningRate,
+        "beta1": DEFAULT_BETA1 if spec.beta1 is None else spec.beta1,
+        "beta2": DEFAULT_BETA2 if spec.beta2 is None else spec.beta2,
+        "tau": DEFAULT_TAU if spec.tau is None else spec.tau,
+    }
+    if spec.name == "fedadam":
+        return FedAdam(**opts)
+    if spec.name == "fedyogi":
+        return FedYogi(**opts)
+    raise ValueError(f"unknown strategy {spec.name!r}")
