@@ -6,9 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from fedstudy.spec import Strategy as StrategySpec
-from fedstudy.tensors import Weights
 from fedstudy_aggregator.checkpoint import CheckpointStore
 from fedstudy_aggregator.strategies import (
     FedAdam,
@@ -22,6 +19,9 @@ from fedstudy_aggregator.strategies import (
     weighted_average,
     yogi_step,
 )
+
+from fedstudy.spec import Strategy as StrategySpec
+from fedstudy.tensors import Weights
 
 OPT = {"eta": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 0.01}
 

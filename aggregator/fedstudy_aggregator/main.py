@@ -1,0 +1,133 @@
+"""``fedstudy aggregator``: run a study's aggregator until the study is done.
+
+Exit codes: 0 when the study is done (completed or ended early, see ``summary.json``) or on
+SIGTERM; 2 for a bad study file or command line; 1 when the state folder cannot be used or
+a port cannot be bound; 130 on SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from fedstudy.logs import event, setup
+from fedstudy.spec import StudyError, load_study
+
+from .checkpoint import CheckpointError
+from .server import AggregatorServer, BindError, split_address
+
+
+def _address(value: str) -> str:
+    try:
+        split_address(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if s < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedstudy aggregator",
+        description="Run a study's aggregator: rounds, update checks, checkpoints, /status.",
+    )
+    p.add_argument("--study", required=True, help="the study file (YAML)")
+    p.add_argument(
+        "--listen",
+        type=_address,
+        default="0.0.0.0:7700",
+        help="gRPC address, HOST:PORT; port 0 picks a free one (default 0.0.0.0:7700)",
+    )
+    p.add_argument(
+        "--state-dir",
+        required=True,
+        type=Path,
+        help="checkpoints and endpoint.json; an existing one is resumed",
+    )
+    p.add_argument(
+        "--http",
+        type=_address,
+        default="0.0.0.0:8080",
+        help="/healthz, /status and /metrics, HOST:PORT (default 0.0.0.0:8080)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="model.safetensors, metrics.jsonl, summary.json (default: the state dir)",
+    )
+    p.add_argument(
+        "--linger",
+        type=_seconds,
+        default=5.0,
+        help="once done, how long to wait for every site to hear it (default 5)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default info",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    log = setup("aggregator", args.log_level)
+    try:
+        study = load_study(args.study)
+    except StudyError as e:
+        print(f"fedstudy aggregator: {args.study}: invalid study", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server = AggregatorServer(
+            study,
+            args.state_dir,
+            args.out,
+            listen=args.listen,
+            http=args.http,
+            log=log,
+            linger=args.linger,
+        )
+        server.start()
+    except (CheckpointError, BindError, OSError) as e:
+        print(f"fedstudy aggregator: {e}", file=sys.stderr)
+        for s, h in old.items():
+            signal.signal(s, h)
+        return 1
+
+    try:
+        finished = server.wait(stop)
+    finally:
+        server.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+    if finished:
+        event(log, "exit", reason="study done")
+        return 0
+    name = signal.Signals(received[0]).name if received else "stop"
+    event(log, "exit", reason=f"{name}: stopped; the last checkpoint is on disk")
+    return 130 if received and received[0] == signal.SIGINT else 0

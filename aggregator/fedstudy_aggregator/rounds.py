@@ -1,0 +1,879 @@
+"""The study's round lifecycle: one state machine, guarded by one ``threading.Condition``.
+
+States: ``waiting`` (no initial model yet, or fewer than ``minSites`` joined), ``training``
+(round r open), ``finishing`` (all rounds done; waiting for the sites' FINAL reports) and
+``done``. Every call that changes something ends in ``_advance()``, which moves the machine
+as far as the new facts allow; long polls wait on the condition and are woken by each change.
+
+Updates are received one at a time into one staging buffer (``_staging``), checked whole,
+then folded into the strategy's running mean: memory stays near one model whatever the
+number of sites. Refusals never stop a round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from fedstudy.logs import event
+from fedstudy.spec import FederatedStudy
+from fedstudy.tensors import TensorAssembler, TensorSpec, Weights, WireError, digest, signature
+from fedstudy.wire import aggregator_pb2 as pb
+
+from . import outputs
+from .checkpoint import CheckpointError, CheckpointStore
+from .records import (
+    History,
+    Metrics,
+    RoundLine,
+    SiteRecord,
+    clean_metrics,
+    combine_metrics,
+    finite_or_none,
+    history_from_json,
+    history_to_json,
+)
+from .strategies import Strategy, make_strategy
+
+WAITING = "waiting"
+TRAINING = "training"
+FINISHING = "finishing"
+DONE = "done"
+
+STREAM_MARGIN_BYTES = 1 << 20
+MAX_WAIT_SECONDS = 30.0
+
+Task = pb.TaskResponse
+
+
+class DownloadRefused(Exception):
+    """A model download that cannot be served; ``code`` names the gRPC status."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class _Refusal(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+def describe_mismatch(got: list[TensorSpec], want: list[TensorSpec]) -> str | None:
+    """Says which tensor differs between two model signatures, or None when they agree."""
+    for i, (g, w) in enumerate(zip(got, want, strict=False)):
+        if g != w:
+            return f"tensor {i}: the site has {g.describe()}, the study's model has {w.describe()}"
+    if len(got) < len(want):
+        return f"the site's model lacks {want[len(got)].describe()} ({len(got)} of {len(want)})"
+    if len(got) > len(want):
+        return f"the site's model has an extra tensor {got[len(want)].describe()}"
+    return None
+
+
+def model_bytes(specs: list[TensorSpec]) -> int:
+    return sum(s.nbytes for s in specs)
+
+
+class Coordinator:
+    """The aggregator's protocol logic, independent of gRPC and HTTP."""
+
+    def __init__(
+        self,
+        study: FederatedStudy,
+        state_dir: Path,
+        out_dir: Path,
+        log: logging.Logger,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.study = study
+        self.spec = study.spec
+        self.name = study.name
+        self.out_dir = out_dir
+        self.log = log
+        self.clock = clock
+        self.cond = threading.Condition()
+        self._staging = threading.Lock()
+        self.store = CheckpointStore(state_dir)
+        self.strategy: Strategy = make_strategy(self.spec.strategy)
+        self.timeout = float(self.spec.roundTimeoutSeconds)
+
+        self.phase = WAITING
+        self.model: Weights | None = None
+        self.version: int | None = None
+        self.reference: list[TensorSpec] | None = None
+        self.sites: dict[str, SiteRecord] = {s.name: SiteRecord(s.name) for s in self.spec.sites}
+        self.history: History = {}
+        self.seen_ids: set[str] = set()
+        self.refused: Counter[str] = Counter()
+        self.completed = False
+        self.ended_reason: str | None = None
+
+        self.round: int | None = None
+        self.opened_at = 0.0
+        self.answered: set[str] = set()
+        self.round_refused: Counter[str] = Counter()
+        self.init_lease: tuple[str, float] | None = None
+        self.finishing_since = 0.0
+        self.done_at: float | None = None
+        self.stopping = False
+        self.accepted_total = 0
+        self.bytes_received = 0
+        self.last_round_duration: float | None = None
+
+        state_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._resume()
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def _resume(self) -> None:
+        snap = self.store.load()
+        if snap is None:
+            event(
+                self.log,
+                "fresh-start",
+                study=self.name,
+                rounds=self.spec.rounds,
+                strategy=self.strategy.name,
+            )
+            return
+        st = snap.state
+        if st.get("study") != self.name:
+            raise CheckpointError(
+                f"{self.store.state_path}: holds study {st.get('study')!r}, not {self.name!r}"
+            )
+        if st.get("strategy") != self.strategy.name:
+            raise CheckpointError(
+                f"{self.store.state_path}: was run with strategy {st.get('strategy')!r}, the "
+                f"study now names {self.strategy.name!r}; use a fresh state folder"
+            )
+        self.model = snap.model
+        self.version = st.get("version") if snap.model is not None else None
+        if self.model is not None:
+            self.reference = signature(self.model)
+            self.strategy.load_state_dict(snap.strategy_state)
+        for name, data in (st.get("sites") or {}).items():
+            if name in self.sites:
+                self.sites[name] = SiteRecord.from_json(name, data)
+        self.history = history_from_json(st.get("history") or {})
+        self.seen_ids = set(st.get("seen_update_ids") or [])
+        self.refused = Counter({str(k): int(v) for k, v in (st.get("refused") or {}).items()})
+        self.completed = bool(st.get("completed", False))
+        self.ended_reason = st.get("ended_reason")
+        if st.get("phase") == DONE:
+            self.phase = DONE
+            self.done_at = self.clock()
+            if not (self.out_dir / outputs.SUMMARY_FILE).exists():
+                self._write_outputs(final=True)
+        elif self.version is not None and self.version >= self.spec.rounds:
+            self._enter_finishing()
+        event(
+            self.log,
+            "resumed",
+            study=self.name,
+            state=self.phase,
+            completed_rounds=self.version or 0,
+            planned_rounds=self.spec.rounds,
+            next_round=self._next_round(),
+        )
+
+    def _state_json(self) -> dict[str, Any]:
+        return {
+            "study": self.name,
+            "strategy": self.strategy.name,
+            "planned_rounds": self.spec.rounds,
+            "phase": self.phase,
+            "version": self.version,
+            "completed": self.completed,
+            "ended_reason": self.ended_reason,
+            "sites": {n: s.to_json() for n, s in self.sites.items()},
+            "history": history_to_json(self.history),
+            "seen_update_ids": sorted(self.seen_ids),
+            "refused": dict(self.refused),
+        }
+
+    def _checkpoint_model(self) -> None:
+        assert self.model is not None
+        assert self.version is not None
+        self.store.save(self._state_json(), self.model, self.strategy.state_dict(), self.version)
+
+    def _checkpoint_state(self) -> None:
+        self.store.save_state(self._state_json())
+
+    def _write_outputs(self, final: bool) -> None:
+        """metrics.jsonl for the rounds whose lines are complete; at the end, every output."""
+        v = self.version or 0
+        upto = v if final else v - 1
+        order = [s.name for s in self.spec.sites]
+        outputs.write_metrics(self.out_dir, outputs.metrics_lines(self.history, order, upto))
+        if not final:
+            return
+        if self.model is not None:
+            outputs.write_model(self.out_dir, self.model, self.name, v)
+        outputs.write_summary(self.out_dir, self.summary())
+
+    def summary(self) -> dict[str, Any]:
+        return outputs.build_summary(
+            study=self.name,
+            completed=self.completed,
+            ended_reason=self.ended_reason,
+            planned_rounds=self.spec.rounds,
+            version=self.version,
+            strategy=self.strategy.name,
+            model=self.model,
+            sites=list(self.sites.values()),
+            history=self.history,
+            refused=self.refused,
+        )
+
+    # ----------------------------------------------------------------- transitions
+
+    def _joined(self) -> list[str]:
+        return [n for n, s in self.sites.items() if s.joined]
+
+    def _next_round(self) -> int | None:
+        if self.phase in (FINISHING, DONE):
+            return None
+        return (self.version or 0) + 1 if self.version is not None else 0
+
+    def _advance(self) -> None:
+        if self.phase == DONE:
+            return
+        if self.model is None or self.version is None:
+            self.phase = WAITING
+        elif self.phase == WAITING:
+            if self.version >= self.spec.rounds:
+                self._enter_finishing()
+            elif len(self._joined()) >= self.spec.minSites:
+                self._open_round(self.version + 1)
+        elif self.phase == TRAINING:
+            joined = self._joined()
+            if self.answered and all(n in self.answered for n in joined):
+                self._close_round()
+        elif self.phase == FINISHING:
+            joined = self._joined()
+            reported = [n for n in joined if self.sites[n].final_reported]
+            if reported and len(reported) == len(joined):
+                self._finish(completed=True, reason=None)
+        self.cond.notify_all()
+
+    def _open_round(self, r: int) -> None:
+        assert self.model is not None
+        self.phase = TRAINING
+        self.round = r
+        self.opened_at = self.clock()
+        self.answered = set()
+        self.round_refused = Counter()
+        self.strategy.begin_round(self.model)
+        event(self.log, "round-open", round=r, sites=sorted(self._joined()), model_version=r - 1)
+
+    def _close_round(self) -> None:
+        assert self.round is not None
+        r = self.round
+        self.model = self.strategy.aggregate()
+        self.version = r
+        self.last_round_duration = self.clock() - self.opened_at
+        self.phase = WAITING if r < self.spec.rounds else FINISHING
+        if self.phase == FINISHING:
+            self.finishing_since = self.clock()
+        self.round = None
+        self._checkpoint_model()
+        if r >= 2:
+            self._write_outputs(final=False)
+        event(
+            self.log,
+            "round-complete",
+            round=r,
+            sites=sorted(self.answered),
+            duration_s=round(self.last_round_duration, 3),
+            refused=dict(self.round_refused),
+            model_version=r,
+            planned_rounds=self.spec.rounds,
+        )
+        self.answered = set()
+        if self.phase == FINISHING:
+            event(self.log, "finishing", model_version=r, sites=sorted(self._joined()))
+        self._advance()
+
+    def _enter_finishing(self) -> None:
+        self.phase = FINISHING
+        self.finishing_since = self.clock()
+        self.round = None
+        event(self.log, "finishing", model_version=self.version, sites=sorted(self._joined()))
+
+    def _finish(self, completed: bool, reason: str | None) -> None:
+        self.phase = DONE
+        self.completed = completed
+        self.ended_reason = reason
+        self.round = None
+        self.done_at = self.clock()
+        self._write_outputs(final=True)
+        self._checkpoint_state()
+        event(
+            self.log,
+            "study-done",
+            study=self.name,
+            completed=completed,
+            ended_reason=reason,
+            rounds_completed=self.version or 0,
+            refused_updates=dict(self.refused),
+        )
+        self.cond.notify_all()
+
+    def tick(self) -> None:
+        """Timeouts: a round with enough answers closes; finishing stops waiting."""
+        with self.cond:
+            now = self.clock()
+            if (
+                self.phase == TRAINING
+                and now - self.opened_at >= self.timeout
+                and len(self.answered) >= self.spec.minSites
+            ):
+                stragglers = sorted(n for n in self._joined() if n not in self.answered)
+                event(
+                    self.log,
+                    "round-timeout",
+                    round=self.round,
+                    stragglers=stragglers,
+                    timeout_s=self.timeout,
+                )
+                self._close_round()
+            elif self.phase == FINISHING and now - self.finishing_since >= self.timeout:
+                missing = sorted(n for n in self._joined() if not self.sites[n].final_reported)
+                event(self.log, "finishing-timeout", missing=missing, timeout_s=self.timeout)
+                self._finish(completed=True, reason=None)
+
+    # ----------------------------------------------------------------- Join / Leave
+
+    def join(self, req: pb.JoinRequest) -> pb.JoinResponse:
+        with self.cond:
+            site = self.sites.get(req.site)
+            sig = [TensorSpec.from_proto(p) for p in req.model]
+            reason, message = "", ""
+            if req.study != self.name:
+                reason, message = "wrong-study", f"this aggregator runs study {self.name!r}"
+            elif site is None:
+                reason = "unknown-site"
+                message = f"site {req.site!r} is not listed in study {self.name!r}"
+            elif not sig:
+                reason, message = "model-mismatch", "the join names no model tensors"
+            elif self.reference is not None:
+                diff = describe_mismatch(sig, self.reference)
+                if diff is not None:
+                    reason, message = "model-mismatch", diff
+            if reason:
+                event(
+                    self.log,
+                    "join-refused",
+                    logging.WARNING,
+                    site=req.site,
+                    reason=reason,
+                    detail=message,
+                )
+                return pb.JoinResponse(
+                    accepted=False,
+                    reason=reason,
+                    message=message,
+                    planned_rounds=self.spec.rounds,
+                    completed_rounds=self.version or 0,
+                )
+            assert site is not None
+            if self.reference is None:
+                self.reference = sig
+            again = site.joined
+            site.joined = True
+            site.left = None
+            site.signature = sig
+            site.train_samples = int(req.train_samples)
+            site.test_samples = int(req.test_samples)
+            event(
+                self.log,
+                "site-joined",
+                site=site.name,
+                again=again,
+                train_samples=site.train_samples,
+                test_samples=site.test_samples,
+                trainer_version=req.trainer_version,
+                joined=len(self._joined()),
+            )
+            self._advance()
+            return pb.JoinResponse(
+                accepted=True, planned_rounds=self.spec.rounds, completed_rounds=self.version or 0
+            )
+
+    def leave(self, req: pb.LeaveRequest) -> pb.LeaveReceipt:
+        with self.cond:
+            site = self.sites.get(req.site)
+            if req.study != self.name or site is None:
+                return pb.LeaveReceipt(accepted=False)
+            was_joined = site.joined
+            site.joined = False
+            site.left = req.reason or "left"
+            event(
+                self.log,
+                "site-left",
+                logging.WARNING,
+                site=site.name,
+                reason=req.reason,
+                detail=req.message,
+                was_joined=was_joined,
+            )
+            if self.init_lease is not None and self.init_lease[0] == site.name:
+                self.init_lease = None
+            joined = self._joined()
+            why = (
+                f"site {site.name} left ({req.reason or 'no reason'}"
+                + (f": {req.message}" if req.message else "")
+                + f"); {len(joined)} joined, minSites is {self.spec.minSites}"
+            )
+            if self.phase == TRAINING and len(joined) < self.spec.minSites:
+                self._finish(completed=False, reason=why)
+            elif self.phase == WAITING:
+                available = [s for s in self.sites.values() if s.left is None]
+                if len(available) < self.spec.minSites:
+                    self._finish(completed=False, reason=why)
+            elif self.phase == FINISHING and not joined:
+                self._finish(completed=True, reason=None)
+            self._advance()
+            return pb.LeaveReceipt(accepted=True)
+
+    # ----------------------------------------------------------------- GetTask
+
+    def get_task(
+        self, req: pb.TaskRequest, is_active: Callable[[], bool] = lambda: True
+    ) -> pb.TaskResponse:
+        """A long poll: work at once if there is some, else WAIT after ``wait_seconds``."""
+        wait = min(max(float(req.wait_seconds), 0.0), MAX_WAIT_SECONDS)
+        deadline = self.clock() + wait
+        with self.cond:
+            while True:
+                task = self._task_for(req)
+                if task is not None:
+                    return task
+                remaining = deadline - self.clock()
+                if remaining <= 0 or self.stopping or not is_active():
+                    return self._wait_task()
+                self.cond.wait(min(remaining, 1.0))
+
+    def _wait_task(self) -> pb.TaskResponse:
+        return Task(
+            kind=Task.WAIT,
+            round=self.round or 0,
+            model_version=self.version or 0,
+            message=f"state {self.phase}",
+        )
+
+    def _task_for(self, req: pb.TaskRequest) -> pb.TaskResponse | None:
+        site = self.sites.get(req.site)
+        if req.study != self.name or site is None:
+            return Task(kind=Task.REJOIN, message=f"join study {self.name!r} first")
+        if self.phase == DONE:
+            site.fetched_done = True
+            self.cond.notify_all()
+            return Task(
+                kind=Task.DONE,
+                model_version=self.version or 0,
+                message=self.ended_reason or "the study is complete",
+            )
+        if not site.joined:
+            return Task(kind=Task.REJOIN, message="the aggregator does not know this site")
+        if self.phase == WAITING:
+            if self.model is None:
+                now = self.clock()
+                lease = self.init_lease
+                if lease is None or lease[1] <= now:
+                    self.init_lease = (site.name, now + self.timeout)
+                    event(self.log, "init-lease", site=site.name, timeout_s=self.timeout)
+                    return Task(kind=Task.INIT, round=0, model_version=0)
+                if lease[0] == site.name:
+                    return Task(kind=Task.INIT, round=0, model_version=0)
+            return None
+        if self.phase == TRAINING:
+            assert self.round is not None
+            if site.name in self.answered:
+                return None
+            return Task(
+                kind=Task.TRAIN,
+                round=self.round,
+                model_version=self.round - 1,
+                proximal_mu=self.spec.strategy.proximal_mu,
+            )
+        if self.phase == FINISHING:
+            if site.final_reported:
+                return None
+            return Task(kind=Task.FINISH, round=0, model_version=self.version or 0)
+        return None
+
+    # ----------------------------------------------------------------- DownloadModel
+
+    def model_for_download(self, req: pb.DownloadRequest) -> Weights:
+        with self.cond:
+            if req.study != self.name:
+                raise DownloadRefused("invalid-argument", f"this aggregator runs {self.name!r}")
+            if req.site not in self.sites:
+                raise DownloadRefused("not-found", f"site {req.site!r} is not in the study")
+            if self.model is None or self.version is None:
+                raise DownloadRefused("failed-precondition", "there is no global model yet")
+            if req.model_version != self.version:
+                raise DownloadRefused(
+                    "failed-precondition",
+                    f"model version {req.model_version} is not available; the current "
+                    f"global model is version {self.version}",
+                )
+            return self.model  # never changed in place: rounds make new arrays
+
+    # ----------------------------------------------------------------- SubmitUpdate
+
+    def submit(self, stream: Iterator[pb.UpdateChunk]) -> pb.UpdateReceipt:
+        """Receives one update stream; checks it; folds it into the round or refuses it."""
+        first = next(stream, None)
+        if first is None or first.WhichOneof("part") != "header":
+            return self._refuse(None, _Refusal("bad-stream", "the stream must start with a header"))
+        h = first.header
+        try:
+            with self.cond:
+                expected, bound = self._check_header(h)
+            with self._staging:
+                with self.cond:
+                    self._check_still_open(h)
+                weights = self._stage(h, first.ByteSize(), stream, expected, bound)
+                with self.cond:
+                    self._check_still_open(h)
+                    self._fold(h, weights)
+        except _Refusal as r:
+            return self._refuse(h, r)
+        except WireError as e:
+            return self._refuse(h, _Refusal(e.reason, str(e)))
+        return pb.UpdateReceipt(accepted=True, message=f"round {h.round} update accepted")
+
+    def _refuse(self, h: pb.UpdateHeader | None, r: _Refusal) -> pb.UpdateReceipt:
+        with self.cond:
+            self.refused[r.reason] += 1
+            self.round_refused[r.reason] += 1
+        event(
+            self.log,
+            "update-refused",
+            logging.WARNING,
+            site=h.site if h is not None else None,
+            round=h.round if h is not None else None,
+            reason=r.reason,
+            detail=str(r),
+        )
+        return pb.UpdateReceipt(accepted=False, reason=r.reason, message=str(r))
+
+    def _check_header(self, h: pb.UpdateHeader) -> tuple[list[TensorSpec], int]:
+        """The header checks, in the protocol's order; returns (signature, byte bound)."""
+        if h.study != self.name:
+            raise _Refusal(
+                "wrong-study", f"this aggregator runs study {self.name!r}, not {h.study!r}"
+            )
+        site = self.sites.get(h.site)
+        if site is None:
+            raise _Refusal("unknown-site", f"site {h.site!r} is not in study {self.name!r}")
+        if not site.joined or site.signature is None:
+            raise _Refusal(
+                "not-joined",
+                f"site {h.site} has not joined since the aggregator started: Join first",
+            )
+        init = self.model is None
+        if init:
+            if self.phase == DONE:
+                raise _Refusal("stale-round", "the study has ended")
+            if h.round != 0:
+                raise _Refusal(
+                    "future-round", f"round {h.round} has not opened: there is no initial model yet"
+                )
+        else:
+            self._check_round(h.round)
+            if h.site in self.answered:
+                raise _Refusal(
+                    "duplicate", f"site {h.site} already has an accepted update in round {h.round}"
+                )
+        if not h.update_id:
+            raise _Refusal("bad-stream", "the header has no update_id")
+        if h.update_id in self.seen_ids:
+            raise _Refusal("replay", f"update_id {h.update_id} was seen before")
+        self.seen_ids.add(h.update_id)
+        base = 0 if init else h.round - 1
+        if h.base_version != base:
+            raise _Refusal(
+                "wrong-base",
+                f"round {h.round} trains from model version {base}, "
+                f"the update says {h.base_version}",
+            )
+        if not init and h.num_samples == 0:
+            raise _Refusal("no-samples", "num_samples is 0: an update needs training samples")
+        expected = site.signature if init else signature(self.model or {})
+        bound = model_bytes(expected) + STREAM_MARGIN_BYTES
+        if h.total_bytes > bound:
+            raise _Refusal(
+                "too-large", f"the header announces {h.total_bytes} bytes; the bound is {bound}"
+            )
+        return list(expected), bound
+
+    def _check_round(self, r: int) -> None:
+        v = self.version or 0
+        if self.phase == TRAINING and self.round is not None:
+            if r < self.round:
+                raise _Refusal("stale-round", f"round {r} is over; round {self.round} is open")
+            if r > self.round:
+                raise _Refusal(
+                    "future-round", f"round {r} has not opened; round {self.round} is open"
+                )
+            return
+        if r <= v:
+            raise _Refusal("stale-round", f"round {r} is over ({v} rounds completed)")
+        raise _Refusal("future-round", f"round {r} is not open (state {self.phase})")
+
+    def _check_still_open(self, h: pb.UpdateHeader) -> None:
+        """Re-checks what may have changed while the update waited or streamed."""
+        site = self.sites[h.site]
+        if not site.joined:
+            raise _Refusal("not-joined", f"site {h.site} left the study")
+        if h.round == 0:
+            if self.model is not None:
+                raise _Refusal("stale-round", "another site's initial model arrived first")
+            return
+        self._check_round(h.round)
+        if h.site in self.answered:
+            raise _Refusal(
+                "duplicate", f"site {h.site} already has an accepted update in round {h.round}"
+            )
+
+    def _stage(
+        self,
+        h: pb.UpdateHeader,
+        header_bytes: int,
+        stream: Iterator[pb.UpdateChunk],
+        expected: list[TensorSpec],
+        bound: int,
+    ) -> Weights:
+        asm = TensorAssembler(expected, max_bytes=bound)
+        seen = header_bytes
+        for msg in stream:
+            seen += msg.ByteSize()
+            if seen > bound:
+                raise _Refusal("too-large", f"the stream passed its bound of {bound} bytes")
+            if msg.WhichOneof("part") != "tensor":
+                raise _Refusal("bad-stream", "a second header inside the stream")
+            asm.add(msg.tensor)
+        weights = asm.finish()
+        with self.cond:
+            self.bytes_received += seen
+        if h.tensor_count != len(weights) or h.total_bytes != asm.received_bytes:
+            raise _Refusal(
+                "bad-stream",
+                f"the header announced {h.tensor_count} tensors and {h.total_bytes} bytes; "
+                f"the stream held {len(weights)} tensors and {asm.received_bytes} bytes",
+            )
+        return weights
+
+    def _fold(self, h: pb.UpdateHeader, weights: Weights) -> None:
+        site = self.sites[h.site]
+        self.accepted_total += 1
+        if h.round == 0:
+            self.model = weights
+            self.version = 0
+            self.reference = signature(weights)
+            self.init_lease = None
+            self._checkpoint_model()
+            event(
+                self.log,
+                "initial-model",
+                site=site.name,
+                digest=digest(weights),
+                tensors=len(weights),
+            )
+            self._advance()
+            return
+        self.strategy.accept(weights, int(h.num_samples))
+        self.answered.add(site.name)
+        site.rounds_participated += 1
+        site.last_round = h.round
+        line = self._line(h.round, site)
+        line.train_samples = int(h.num_samples)
+        line.train_loss = finite_or_none(h.train_loss)
+        event(
+            self.log,
+            "update-accepted",
+            site=site.name,
+            round=h.round,
+            num_samples=int(h.num_samples),
+            train_loss=line.train_loss,
+            answered=len(self.answered),
+            joined=len(self._joined()),
+        )
+        self._advance()
+
+    def _line(self, r: int, site: SiteRecord) -> RoundLine:
+        lines = self.history.setdefault(r, {})
+        if site.name not in lines:
+            lines[site.name] = RoundLine(test_samples=site.test_samples)
+        return lines[site.name]
+
+    # ----------------------------------------------------------------- Report
+
+    def report(self, req: pb.ReportRequest) -> pb.ReportReceipt:
+        with self.cond:
+            site = self.sites.get(req.site)
+            reason, message = "", ""
+            if req.study != self.name:
+                reason, message = "wrong-study", f"this aggregator runs study {self.name!r}"
+            elif site is None:
+                reason, message = "unknown-site", f"site {req.site!r} is not in the study"
+            elif self.version is None or req.model_version > self.version:
+                reason = "future-version"
+                message = f"model version {req.model_version} does not exist yet"
+            elif req.kind == pb.ReportRequest.FINAL and (
+                self.phase not in (FINISHING, DONE) or req.model_version != self.version
+            ):
+                reason = "not-final"
+                message = f"model version {req.model_version} is not the study's final model"
+            elif req.kind not in (pb.ReportRequest.EVALUATION, pb.ReportRequest.FINAL):
+                reason, message = "bad-kind", "a report is EVALUATION or FINAL"
+            if reason:
+                event(
+                    self.log,
+                    "report-refused",
+                    logging.WARNING,
+                    site=req.site,
+                    reason=reason,
+                    detail=message,
+                )
+                return pb.ReportReceipt(accepted=False, reason=reason, message=message)
+            assert site is not None
+            v = int(req.model_version)
+            line = self._line(v, site)
+            if req.test_samples:
+                line.test_samples = int(req.test_samples)
+            line.metrics = clean_metrics(req.metrics)
+            if site.metrics_version is None or v >= site.metrics_version:
+                site.metrics = dict(line.metrics)
+                site.metrics_version = v
+            final = req.kind == pb.ReportRequest.FINAL
+            event(
+                self.log,
+                "report",
+                site=site.name,
+                kind="final" if final else "evaluation",
+                model_version=v,
+                metrics=line.metrics,
+            )
+            if final:
+                site.local_only = clean_metrics(req.local_only_metrics)
+                site.final_reported = True
+                if self.phase == DONE:
+                    self._write_outputs(final=True)
+                self._checkpoint_state()
+                self._advance()
+            return pb.ReportReceipt(accepted=True)
+
+    # ----------------------------------------------------------------- status & exit
+
+    def latest_global(self) -> tuple[int | None, Metrics, dict[str, float]]:
+        """(version, weighted, site mean) for the newest model version with evaluations."""
+        for v in sorted(self.history, reverse=True):
+            per_site = {
+                s: (line.test_samples, line.metrics)
+                for s, line in self.history[v].items()
+                if line.metrics
+            }
+            if per_site:
+                weighted, mean = combine_metrics(per_site)
+                return v, dict(weighted), mean
+        return None, {}, {}
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able picture of the study, for ``/status``."""
+        with self.cond:
+            gv, weighted, _ = self.latest_global()
+            return {
+                "study": self.name,
+                "state": self.phase,
+                "round": self.round if self.round is not None else (self.version or 0),
+                "completed_rounds": self.version or 0,
+                "planned_rounds": self.spec.rounds,
+                "min_sites": self.spec.minSites,
+                "strategy": self.strategy.name,
+                "joined": self._joined(),
+                "sites": {
+                    n: {
+                        "joined": s.joined,
+                        "answered": s.name in self.answered,
+                        "last_round": s.last_round,
+                        "rounds_participated": s.rounds_participated,
+                        "train_samples": s.train_samples,
+                        "test_samples": s.test_samples,
+                        "metrics": s.metrics,
+                        "metrics_version": s.metrics_version,
+                        "local_only": s.local_only,
+                        "left": s.left,
+                    }
+                    for n, s in self.sites.items()
+                },
+                "global": weighted,
+                "global_version": gv,
+                "refused_updates": dict(sorted(self.refused.items())),
+                "completed": self.completed if self.phase == DONE else None,
+                "ended_reason": self.ended_reason,
+            }
+
+    def prometheus(self) -> str:
+        """The same facts in the Prometheus text format."""
+        with self.cond:
+            lines = [
+                "# HELP fedstudy_round_completed Rounds the aggregator has completed.",
+                "# TYPE fedstudy_round_completed gauge",
+                f"fedstudy_round_completed {self.version or 0}",
+                "# HELP fedstudy_rounds_planned Rounds the study plans.",
+                "# TYPE fedstudy_rounds_planned gauge",
+                f"fedstudy_rounds_planned {self.spec.rounds}",
+                "# HELP fedstudy_sites_joined Sites joined now.",
+                "# TYPE fedstudy_sites_joined gauge",
+                f"fedstudy_sites_joined {len(self._joined())}",
+                "# HELP fedstudy_sites_answered Sites with an accepted update this round.",
+                "# TYPE fedstudy_sites_answered gauge",
+                f"fedstudy_sites_answered {len(self.answered)}",
+                "# HELP fedstudy_updates_accepted_total Updates accepted.",
+                "# TYPE fedstudy_updates_accepted_total counter",
+                f"fedstudy_updates_accepted_total {self.accepted_total}",
+                "# HELP fedstudy_updates_rejected_total Updates refused, by reason.",
+                "# TYPE fedstudy_updates_rejected_total counter",
+            ]
+            for reason, n in sorted(self.refused.items()):
+                lines.append(f'fedstudy_updates_rejected_total{{reason="{reason}"}} {n}')
+            lines += [
+                "# HELP fedstudy_update_bytes_received_total Bytes of update streams received.",
+                "# TYPE fedstudy_update_bytes_received_total counter",
+                f"fedstudy_update_bytes_received_total {self.bytes_received}",
+            ]
+            if self.last_round_duration is not None:
+                lines += [
+                    "# HELP fedstudy_round_duration_seconds Duration of the last round.",
+                    "# TYPE fedstudy_round_duration_seconds gauge",
+                    f"fedstudy_round_duration_seconds {self.last_round_duration:.6f}",
+                ]
+            return "\n".join(lines) + "\n"
+
+    def exit_due(self, linger: float) -> bool:
+        """Done, and every joined site has been told, or ``linger`` seconds passed."""
+        with self.cond:
+            if self.phase != DONE or self.done_at is None:
+                return False
+            joined = self._joined()
+            if joined and all(self.sites[n].fetched_done for n in joined):
+                return True
+            return self.clock() - self.done_at >= linger
+
+    def stop(self) -> None:
+        """Wakes every long poll so the server can stop."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()

@@ -1,0 +1,133 @@
+"""The aggregator process's parts put together: the coordinator, the gRPC server, the HTTP
+server and the timer that closes rounds on time."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from fedstudy.fsutil import atomic_write_json
+from fedstudy.logs import event
+from fedstudy.spec import FederatedStudy
+from fedstudy.wire import aggregator_pb2_grpc as pb_grpc
+
+from .rounds import Coordinator
+from .service import AggregatorService
+from .web import HttpServer
+
+ENDPOINT_FILE = "endpoint.json"
+
+
+class BindError(RuntimeError):
+    """An address the aggregator could not listen on."""
+
+
+def split_address(addr: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 hosts in brackets) to (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{addr!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def public_host(host: str) -> str:
+    """Where a local client reaches a server bound to ``host``."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+class AggregatorServer:
+    """Runs a study's aggregator until it is done or stopped."""
+
+    def __init__(
+        self,
+        study: FederatedStudy,
+        state_dir: Path,
+        out_dir: Path | None = None,
+        *,
+        listen: str = "0.0.0.0:7700",
+        http: str = "0.0.0.0:8080",
+        log: logging.Logger | None = None,
+        linger: float = 5.0,
+        tick_seconds: float = 0.05,
+    ) -> None:
+        self.log = log or logging.getLogger("aggregator")
+        self.state_dir = state_dir
+        self.listen = listen
+        self.http_addr = http
+        self.linger = linger
+        self.tick_seconds = tick_seconds
+        self.coord = Coordinator(study, state_dir, out_dir or state_dir, self.log)
+        workers = 2 * len(study.spec.sites) + 8
+        self._grpc = grpc.server(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        pb_grpc.add_AggregatorServicer_to_server(
+            AggregatorService(self.coord, self.log), self._grpc
+        )
+        self._http: HttpServer | None = None
+        self._halt = threading.Event()
+        self._timer = threading.Thread(target=self._run_timer, name="round-timer", daemon=True)
+        self.endpoint: dict[str, object] = {}
+
+    def start(self) -> dict[str, object]:
+        """Binds both ports, starts serving and writes ``endpoint.json``."""
+        ghost, _ = split_address(self.listen)
+        hhost, hport = split_address(self.http_addr)
+        try:
+            gport = self._grpc.add_insecure_port(self.listen)
+        except RuntimeError as e:
+            raise BindError(f"cannot listen for gRPC on {self.listen}: {e}") from None
+        if gport == 0:
+            raise BindError(f"cannot listen for gRPC on {self.listen}")
+        try:
+            self._http = HttpServer(
+                hhost, hport, self.coord.status, self.coord.prometheus, self.log
+            )
+        except OSError as e:
+            raise BindError(f"cannot listen for HTTP on {self.http_addr}: {e.strerror}") from None
+        self._grpc.start()
+        self._http.start()
+        self._timer.start()
+        self.endpoint = {
+            "grpc": f"{public_host(ghost)}:{gport}",
+            "http": f"{public_host(hhost)}:{self._http.port}",
+            "pid": os.getpid(),
+        }
+        atomic_write_json(self.state_dir / ENDPOINT_FILE, self.endpoint)
+        event(self.log, "listening", grpc=self.endpoint["grpc"], http=self.endpoint["http"])
+        return self.endpoint
+
+    def _run_timer(self) -> None:
+        while not self._halt.wait(self.tick_seconds):
+            try:
+                self.coord.tick()
+            except Exception:
+                self.log.exception("timer-error")
+
+    def wait(self, stop: threading.Event) -> bool:
+        """Blocks until the study is done and may exit (True) or ``stop`` is set (False)."""
+        while not stop.wait(0.05):
+            if self.coord.exit_due(self.linger):
+                return True
+        return False
+
+    def stop(self, grace: float = 2.0) -> None:
+        self._halt.set()
+        self.coord.stop()
+        self._grpc.stop(grace).wait()
+        if self._http is not None:
+            self._http.stop()
+        if self._timer.is_alive():
+            self._timer.join(timeout=5)
