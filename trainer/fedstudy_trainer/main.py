@@ -85,7 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # many trainers may share a few cores
+    # The first optimizer built in a process imports torch._dynamo (about a second): pay it
+    # now, before joining, rather than inside the first round.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
     study_path = Path(args.study).resolve()
     try:
