@@ -22,8 +22,8 @@ from fedstudy.wire import aggregator_pb2_grpc as pb_grpc
 STUDY = "demo"
 
 
-def make_study(sites: int = 2, **spec: Any) -> FederatedStudy:
-    """A small study of builtin-data sites ``s0``, ``s1``, ... (no files needed)."""
+def study_doc(sites: int = 2, **spec: Any) -> dict[str, Any]:
+    """A small study document of builtin-data sites ``s0``, ``s1``, ... (no files needed)."""
     doc: dict[str, Any] = {
         "apiVersion": "fedstudy.io/v1alpha1",
         "kind": "FederatedStudy",
@@ -48,7 +48,11 @@ def make_study(sites: int = 2, **spec: Any) -> FederatedStudy:
         },
     }
     doc["spec"].update(spec)
-    return parse_study(doc)
+    return doc
+
+
+def make_study(sites: int = 2, **spec: Any) -> FederatedStudy:
+    return parse_study(study_doc(sites, **spec))
 
 
 def model(seed: float = 0.0) -> Weights:
