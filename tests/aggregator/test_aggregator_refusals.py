@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,3 +161,27 @@ def test_concurrent_updates_are_staged_one_at_a_time(start: StartFn) -> None:
     # weights 1..6 on seeds 0..5: mean seed = sum(i*(i+1)) / 21 = 70/21
     g1 = sites[0].download(1)
     np.testing.assert_allclose(g1["b"], np.full(3, 70 / 21), rtol=1e-6)
+
+
+def test_a_dropped_stream_frees_the_staging_buffer(
+    start: StartFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    agg = start(make_study(sites=2, rounds=1))
+    a, b = initialise(agg, "s0", "s1")
+    release = threading.Event()
+    msgs = stream(b, model(2.0))
+
+    def stalled() -> Iterator[pb.UpdateChunk]:
+        yield msgs[0]
+        yield msgs[1]
+        release.wait(5)
+
+    call = b.stub.SubmitUpdate.future(stalled(), timeout=10)
+    time.sleep(0.3)  # b's stream now holds the staging buffer
+    call.cancel()
+    release.set()
+    assert a.submit(model(1.0), 1, num_samples=1).accepted
+    assert b.submit(model(3.0), 1, num_samples=3).accepted
+    assert agg.coord.status()["completed_rounds"] == 1
+    assert "update-dropped" in [r.getMessage() for r in caplog.records]
+    assert agg.coord.status()["refused_updates"] == {}
