@@ -116,13 +116,14 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
 async def run(
     config: OperatorConfig,
     *,
+    app: OperatorApp | None = None,
     namespaces: Sequence[str] = (),
     metrics_host: str = "0.0.0.0",
     metrics_port: int = 8090,
     stop_flag: asyncio.Event | None = None,
 ) -> None:
     """Runs the operator in the current event loop until stopped (signal or ``stop_flag``)."""
-    app = OperatorApp(config)
+    app = app or OperatorApp(config)
     registry = make_registry(app)
     settings = kopf.OperatorSettings()
     configure_settings(settings, config)

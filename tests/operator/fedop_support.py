@@ -36,22 +36,22 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 CRD_FILE = ROOT / "charts" / "fedstudy" / "crds" / "federatedstudies.fedstudy.io.yaml"
 
-BUILTIN: dict[str, tuple[str, bool, tuple[str, ...]]] = {
-    # "group/version/plural": (kind, namespaced, subresources)
-    "v1/namespaces": ("Namespace", False, ()),
-    "v1/configmaps": ("ConfigMap", True, ()),
-    "v1/services": ("Service", True, ("status",)),
-    "v1/persistentvolumeclaims": ("PersistentVolumeClaim", True, ("status",)),
-    "v1/events": ("Event", True, ()),
-    "v1/pods": ("Pod", True, ("status",)),
-    "apps/v1/deployments": ("Deployment", True, ("status", "scale")),
-    "batch/v1/jobs": ("Job", True, ("status",)),
-    "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True, ()),
-    "events.k8s.io/v1/events": ("Event", True, ()),
+BUILTIN: dict[str, tuple[str, bool, tuple[str, ...], tuple[str, ...]]] = {
+    # "group/version/plural": (kind, namespaced, subresources, short names)
+    "v1/namespaces": ("Namespace", False, (), ("ns",)),
+    "v1/configmaps": ("ConfigMap", True, (), ("cm",)),
+    "v1/services": ("Service", True, ("status",), ("svc",)),
+    "v1/persistentvolumeclaims": ("PersistentVolumeClaim", True, ("status",), ("pvc",)),
+    "v1/events": ("Event", True, (), ("ev",)),
+    "v1/pods": ("Pod", True, ("status",), ("po",)),
+    "apps/v1/deployments": ("Deployment", True, ("status", "scale"), ("deploy",)),
+    "batch/v1/jobs": ("Job", True, ("status",), ()),
+    "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True, (), ("netpol",)),
     "apiextensions.k8s.io/v1/customresourcedefinitions": (
         "CustomResourceDefinition",
         False,
         ("status",),
+        ("crd", "crds"),
     ),
 }
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
@@ -69,13 +69,14 @@ class FedEmulator(k8s.KubernetesEmulator):
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
-        for key, (kind, namespaced, subs) in BUILTIN.items():
+        for key, (kind, namespaced, subs, short) in BUILTIN.items():
             self.resources[key] = references.ResourceInfo(
                 kind=kind,
                 namespaced=namespaced,
                 singular=kind.lower(),
                 verbs=VERBS,
                 subresources=set(subs),
+                shortnames=set(short),
             )
 
     # --- object bookkeeping --------------------------------------------------------------
