@@ -269,6 +269,12 @@ def prepare_out(out: Path, keep_state: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _error(*lines: str) -> None:
+    """Errors go to stderr as plain lines: never wrapped, so paths stay whole."""
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
 def run_study(
     study_path: Path,
     out: Path | None = None,
@@ -277,16 +283,13 @@ def run_study(
     console: Console | None = None,
 ) -> int:
     """Runs the study; returns the process exit code (0 when it completed)."""
-    console = console or Console(stderr=False)
-    err = Console(stderr=True)
+    console = console or Console(soft_wrap=True)
     try:
         study = load_study(study_path)
         check_local_files(study, study_path.resolve().parent)
         check_irb(study)
     except StudyError as e:
-        err.print(f"{study_path}: cannot run this study", markup=False)
-        for p in e.problems:
-            err.print(f"  {p}", markup=False)
+        _error(f"{study_path}: cannot run this study", *(f"  {p}" for p in e.problems))
         return 2
 
     out = (out or Path("fedstudy-out") / study.name).resolve()
@@ -358,26 +361,24 @@ def run_study(
                 if c.proc.returncode not in (0, None):
                     raise StudyFailed(f"{c.name} exited with code {c.proc.returncode}:\n{c.tail()}")
     except KeyboardInterrupt:
-        err.print("interrupted: stopped the aggregator and every trainer")
+        _error("interrupted: stopped the aggregator and every trainer")
         return 130
     except StudyFailed as e:
-        err.print(f"study {study.name} failed: {e}", markup=False)
-        err.print(f"logs: {out / 'logs'}", markup=False)
+        _error(f"study {study.name} failed: {e}", f"logs: {out / 'logs'}")
         return 1
 
     summary_path = out / "summary.json"
     try:
         summary: dict[str, Any] = json.loads(summary_path.read_text())
     except (OSError, ValueError) as e:
-        err.print(f"study {study.name}: no readable summary at {summary_path}: {e}")
+        _error(f"study {study.name}: no readable summary at {summary_path}: {e}")
         return 1
     console.print(summary_table(summary, study.spec.task.metric))
     elapsed = time.monotonic() - started
     if not summary.get("completed", False):
-        err.print(
+        _error(
             f"study {study.name} ended early after {summary.get('rounds_completed')} "
             f"rounds: {summary.get('ended_reason')}",
-            markup=False,
         )
         return 1
     console.print(
