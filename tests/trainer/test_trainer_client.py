@@ -13,11 +13,11 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from conftest import EventLog, FakeAggregator, breast_cancer_sites, study_doc
 from fedstudy_trainer.client import Backoff, GaveUp
 from fedstudy_trainer.data import load_site_data
 from fedstudy_trainer.main import main
 from fedstudy_trainer.reference import fedavg
+from trainer_support import EventLog, FakeAggregator, breast_cancer_sites, study_doc
 
 from fedstudy.wire import aggregator_pb2 as pb
 
@@ -126,13 +126,18 @@ def test_network_failures_are_retried(tmp_path: Path, serve: Any, events: EventL
 
 def test_refusals_and_a_forgetful_aggregator(tmp_path: Path, serve: Any, events: EventLog) -> None:
     fake = FakeAggregator(
-        "test-study", ROUNDS, refuse_updates=["stale-round", "duplicate"], forget_after_round=1,
-        bad_model_once=True, faults={"DownloadModel": [grpc.StatusCode.NOT_FOUND]},
-    )  # fmt: skip
+        "test-study",
+        ROUNDS,
+        refuse_updates={0: ["stale-round"], 1: ["duplicate"]},
+        forget_after_round=1,
+        bad_model_once=True,
+        faults={"DownloadModel": [grpc.StatusCode.NOT_FOUND]},
+    )
     served = serve(fake)
     assert _run(_study_file(tmp_path), served.address, tmp_path) == 0
     # refused updates are logged, then the task is given again
     assert [e["reason"] for e in events.named("update-refused")] == ["stale-round", "duplicate"]
+    assert [e["round"] for e in events.named("round-again")] == [1]
     # a forgotten site is told to REJOIN and joins again
     assert len(fake.joins) == 2
     assert len(events.named("rejoining")) == 1
@@ -150,6 +155,18 @@ def test_fedprox_mu_comes_from_the_task_and_no_baseline_when_disabled(
     assert {e["proximal_mu"] for e in events.named("round-trained")} == {0.5}
     assert len(served.fake.reports[-1].local_only_metrics) == 0
     assert events.named("local-baseline") == []
+
+
+def test_a_restarted_trainer_reads_its_state(tmp_path: Path, serve: Any, events: EventLog) -> None:
+    study = _study_file(tmp_path)
+    assert _run(study, serve(FakeAggregator("test-study", ROUNDS)).address, tmp_path) == 0
+    last_id = json.loads((tmp_path / "state" / "trainer.json").read_text())["last_update_id"]
+    assert _run(study, serve(FakeAggregator("test-study", ROUNDS)).address, tmp_path) == 0
+    loaded = events.named("state-loaded")
+    assert [(e["last_round_trained"], e["last_update_id"]) for e in loaded] == [(ROUNDS, last_id)]
+    (tmp_path / "state" / "trainer.json").write_text("{not json")
+    assert _run(study, serve(FakeAggregator("test-study", 1)).address, tmp_path) == 0
+    assert len(events.named("state-unreadable")) == 1
 
 
 def test_refused_join_exits_2(

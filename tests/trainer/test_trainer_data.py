@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import HEART_FILES, breast_cancer_sites, make_study
 from fedstudy_trainer.data import (
     DataError,
     SiteDataset,
@@ -17,6 +16,7 @@ from fedstudy_trainer.data import (
     load_site_data,
     partition_rows,
 )
+from trainer_support import HEART_FILES, breast_cancer_sites, make_study
 
 from fedstudy.spec import FederatedStudy, parse_study
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import breast_cancer_sites, make_study
 from fedstudy_trainer.models import build_model, get_weights, set_weights
 from fedstudy_trainer.reference import average, fedavg, load_all_sites
 from fedstudy_trainer.train import derive_seed, train_local
+from trainer_support import breast_cancer_sites, make_study
 
 from fedstudy.spec import FederatedStudy
 

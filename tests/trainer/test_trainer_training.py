@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import breast_cancer_sites, make_study
 from fedstudy_trainer.data import load_site_data
 from fedstudy_trainer.models import build_model, get_weights, set_weights
 from fedstudy_trainer.train import (
@@ -20,6 +19,7 @@ from fedstudy_trainer.train import (
 )
 from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from trainer_support import breast_cancer_sites, make_study
 
 from fedstudy.spec import Model, Training
 from fedstudy.tensors import signature

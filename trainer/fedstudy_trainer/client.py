@@ -248,7 +248,11 @@ class SiteTrainer:
 
         def fetch() -> WireWeights:
             stream = self.stub.DownloadModel(request, timeout=STREAM_TIMEOUT_S)
-            return from_chunks(stream, expected=self.signature)
+            try:
+                return from_chunks(stream, expected=self.signature)
+            except WireError:
+                stream.cancel()  # stop the rest of a stream we refuse
+                raise
 
         try:
             weights = self._call("DownloadModel", fetch)
@@ -356,6 +360,16 @@ class SiteTrainer:
         if version != round_ - 1:
             logs.event(
                 self.log, "unexpected-version", logging.WARNING, round=round_, model_version=version
+            )
+        if self.state.get("last_update_round") == round_:
+            # e.g. this trainer restarted, or the aggregator did: train the round again
+            # (same seed, same base model, so the same weights), with a fresh update id.
+            logs.event(
+                self.log,
+                "round-again",
+                round=round_,
+                previous_update_id=self.state.get("last_update_id"),
+                previous_status=self.state.get("last_update_status"),
             )
         self._download(version)
         self._report(pb.ReportRequest.EVALUATION, version, self._evaluate(version))

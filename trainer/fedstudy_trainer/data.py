@@ -10,12 +10,17 @@ feature columns line up across sites without any site seeing another's data:
    rows without a label and fills features later with the training means;
 4. binarize the label (``value > above``) and check it is 0/1;
 5. split train/test with scikit-learn's ``train_test_split`` on the remaining rows
-   (this reproduces the FLamby heart-disease splits exactly);
+   (this reproduces the FLamby heart-disease splits exactly); as in FLamby, a site with
+   fewer than 3 rows of a class is split without stratifying, and its notes say so;
 6. one-hot encode the declared categorical columns with the declared levels (a level the
    site never saw still gets its column); numeric columns come first, in table order, then
    the one-hot columns, in declared order (as ``pandas.get_dummies`` would);
-7. impute, then standardise every feature with the site's own training mean and standard
-   deviation (sample std, ddof=1, as FLamby; a constant column is only centred).
+7. impute (a missing categorical cell leaves its one-hot columns missing, so they get the
+   training frequencies), then standardise every feature, one-hot columns included, with
+   the site's own training mean and standard deviation (sample std, ddof=1, as FLamby; a
+   constant column is only centred). Standardising the one-hot columns too is what matches
+   FLamby's published FedAvg accuracy on heart disease (0.683 over 10 seeds against 0.685;
+   numeric columns only would give 0.711).
 
 Every problem is a ``DataError`` whose message names the file (or dataset) and the column.
 """
