@@ -260,7 +260,11 @@ def build_config_map(body: Mapping[str, Any]) -> Manifest:
 
 
 def build_aggregator_deployment(
-    study: FederatedStudy, options: StudyOptions, config_hash: str, blocked: bool
+    study: FederatedStudy,
+    options: StudyOptions,
+    config_hash: str,
+    blocked: bool,
+    finished: bool = False,
 ) -> Manifest:
     name = study.name
     probe = {
@@ -306,7 +310,9 @@ def build_aggregator_deployment(
         "kind": "Deployment",
         "metadata": {"name": aggregator_name(name), "labels": labels(name, "aggregator")},
         "spec": {
-            "replicas": 0 if blocked else 1,
+            # Paused while the IRB approval has lapsed; scaled down once the study is over
+            # (the aggregator exits then; its outputs stay on the state volume).
+            "replicas": 0 if blocked or finished else 1,
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": selector(name, "aggregator")},
             "template": {
@@ -586,6 +592,7 @@ def build_children(
     config: OperatorConfig,
     *,
     blocked: bool,
+    finished: bool = False,
 ) -> Plan:
     """Every child this cluster's role wants for the study, owned by it and hashed."""
     namespace = body["metadata"]["namespace"]
@@ -596,7 +603,7 @@ def build_children(
         children.append(_pvc(aggregator_state_name(study.name), study.name, "aggregator", options))
         children.extend(build_aggregator_services(study, options))
         children.append(build_aggregator_network_policy(study, options, config, namespace))
-        children.append(build_aggregator_deployment(study, options, config_hash, blocked))
+        children.append(build_aggregator_deployment(study, options, config_hash, blocked, finished))
     sites = wanted_sites(study, config)
     if sites:
         address = aggregator_address(study, options, config, namespace)

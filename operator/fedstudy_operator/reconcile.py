@@ -183,10 +183,20 @@ class Reconciler:
                 f"this cluster runs site {self.config.site_name!r}, which the study does not "
                 f"list (sites: {', '.join(s.name for s in study.spec.sites)})"
             )
+        previous = body.get("status") or {}
+        last = status.AggregatorReport.from_json(previous.get("aggregator"))
+        # Done as recorded by an earlier reconcile: at least one resync after the aggregator
+        # said so, which gives the sites time to hear it before it is scaled down.
+        finished = last is not None and last.state == "done"
         outcome = Outcome(phase="")
         if site_missing is None:
             plan = builders.build_children(
-                body, study, options, self.config, blocked=irb_problem is not None
+                body,
+                study,
+                options,
+                self.config,
+                blocked=irb_problem is not None,
+                finished=finished,
             )
             children, sites = plan.children, plan.sites
         else:
@@ -201,13 +211,11 @@ class Reconciler:
         deployment = live.get(f"Deployment/{builders.aggregator_name(name)}")
         ready = bool(((deployment or {}).get("status") or {}).get("readyReplicas"))
         report = None
-        if self.config.runs_aggregator and irb_problem is None:
+        if self.config.runs_aggregator and irb_problem is None and not finished:
             url = self.config.status_url.format(
                 name=builders.aggregator_name(name), namespace=namespace, study=name
             )
             report = status.AggregatorReport.from_json(await self.probe(url))
-        previous = body.get("status") or {}
-        last = status.AggregatorReport.from_json(previous.get("aggregator"))
         obs = status.Observation(
             role=self.config.role,
             planned_rounds=study.spec.rounds,

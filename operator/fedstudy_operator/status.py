@@ -46,6 +46,11 @@ class AggregatorReport:
     joined: tuple[str, ...]
     epsilon: float | None = None
     ended_reason: str | None = None
+    completed: bool | None = None  # once done: False when the study ended early
+
+    @property
+    def ended_early(self) -> bool:
+        return self.state == "done" and self.completed is False
 
     @classmethod
     def from_json(cls, doc: Any) -> AggregatorReport | None:
@@ -64,16 +69,18 @@ class AggregatorReport:
         epsilon: float | None = None
         sites = doc.get("sites")
         if isinstance(sites, Mapping):
-            for metrics in sites.values():
-                if not isinstance(metrics, Mapping):
+            for site in sites.values():
+                if not isinstance(site, Mapping):
                     continue
-                e = metrics.get("epsilon")
-                if isinstance(e, int | float) and not isinstance(e, bool):
-                    epsilon = float(e) if epsilon is None else max(epsilon, float(e))
+                metrics = site.get("metrics")
+                for e in (site.get("epsilon"), (metrics or {}).get("epsilon")):
+                    if isinstance(e, int | float) and not isinstance(e, bool):
+                        epsilon = float(e) if epsilon is None else max(epsilon, float(e))
         stored_eps = doc.get("epsilon")
         if epsilon is None and isinstance(stored_eps, int | float):
             epsilon = float(stored_eps)
         ended = doc.get("ended_reason", doc.get("endedReason"))
+        completed = doc.get("completed")
         return cls(
             state=doc["state"],
             completed_rounds=num("completed_rounds", "completedRounds"),
@@ -81,6 +88,7 @@ class AggregatorReport:
             joined=tuple(str(s) for s in joined) if isinstance(joined, list) else (),
             epsilon=epsilon,
             ended_reason=ended if isinstance(ended, str) and ended else None,
+            completed=completed if isinstance(completed, bool) else None,
         )
 
     def to_status(self, reachable: bool) -> dict[str, Any]:
@@ -95,6 +103,8 @@ class AggregatorReport:
             out["epsilon"] = self.epsilon
         if self.ended_reason is not None:
             out["endedReason"] = self.ended_reason
+        if self.completed is not None:
+            out["completed"] = self.completed
         return out
 
 
@@ -142,7 +152,7 @@ def _fmt_epsilon(eps: float | None) -> str:
 def compute(obs: Observation) -> tuple[str, list[Condition], dict[str, Any]]:
     """The phase, the five conditions and the display fields for a valid study."""
     report = obs.report or obs.last_report
-    agg_done = report is not None and report.state == "done"
+    agg_done = report is not None and report.state == "done" and not report.ended_early
     trainers = dict(obs.trainers)
     failed = sorted(s for s, p in trainers.items() if p == "Failed")
     if obs.role == "coordinator":
@@ -171,17 +181,23 @@ def compute(obs: Observation) -> tuple[str, list[Condition], dict[str, Any]]:
             Condition("Failed", False, "SiteNotInStudy", msg),
             blocked_c,
         ]
-    elif failed:
-        msg = (
-            f"the trainer Job of site {', '.join(failed)} failed "
-            "(it exhausted its retries); see its pods' logs"
-        )
+    elif failed or (report is not None and report.ended_early):
+        if failed:
+            reason = "TrainerFailed"
+            msg = (
+                f"the trainer Job of site {', '.join(failed)} failed "
+                "(it exhausted its retries); see its pods' logs"
+            )
+        else:
+            reason = "StudyEndedEarly"
+            why = report.ended_reason if report is not None else None
+            msg = f"the aggregator ended the study before its last round: {why or 'no reason'}"
         phase = "Failed"
         conds = [
-            Condition("Ready", False, "TrainerFailed", msg),
-            Condition("Progressing", False, "TrainerFailed", msg),
-            Condition("Succeeded", False, "TrainerFailed", msg),
-            Condition("Failed", True, "TrainerFailed", msg),
+            Condition("Ready", False, reason, msg),
+            Condition("Progressing", False, reason, msg),
+            Condition("Succeeded", False, reason, msg),
+            Condition("Failed", True, reason, msg),
             blocked_c,
         ]
     elif succeeded:

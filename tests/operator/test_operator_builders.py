@@ -250,6 +250,16 @@ def test_blocked_study_scales_to_zero_and_suspends() -> None:
     assert all(j["spec"]["suspend"] is False for j in by_kind(running.children, "Job"))
 
 
+def test_a_finished_study_scales_its_aggregator_down() -> None:
+    doc = with_server_fields(study(sites=2))
+    s = parse_study({k: doc[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+    options, _ = parse_options({}, OperatorConfig(), ["site0", "site1"])
+    plan = builders.build_children(doc, s, options, OperatorConfig(), blocked=False, finished=True)
+    (dep,) = by_kind(plan.children, "Deployment")
+    assert dep["spec"]["replicas"] == 0
+    assert all(j["spec"]["suspend"] is False for j in by_kind(plan.children, "Job"))
+
+
 @pytest.mark.parametrize("service_type", ["LoadBalancer", "NodePort", "nodeport"])
 def test_external_service_exposes_grpc_only(service_type: str) -> None:
     doc = study(annotations={"fedstudy.io/aggregator-service-type": service_type})

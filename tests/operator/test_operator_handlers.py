@@ -268,6 +268,12 @@ async def test_status_follows_the_aggregator_and_the_jobs_to_success(
         assert condition(kmock, "Progressing")["status"] == "False"
         assert condition(kmock, "Failed")["status"] == "False"
         assert the_study(kmock)["status"]["round"] == "3/3"
+        # The aggregator exits once the study is over: the operator scales it down.
+        await wait_for(
+            lambda: children(kmock)["Deployment/heart-aggregator"]["spec"]["replicas"] == 0,
+            what="the finished aggregator scaled to 0",
+        )
+        assert phase(kmock) == "Succeeded"
         await wait_for(
             lambda: any(e.get("reason") == "StudyCompleted" for e in events(kmock)),
             what="a StudyCompleted event",
