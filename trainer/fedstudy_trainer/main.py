@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+import torch
 
 from fedstudy import logs
 from fedstudy.spec import StudyError, load_study
@@ -83,13 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     log = logs.setup(COMPONENT, args.log_level)
 
-    import torch
-
     torch.set_num_threads(1)  # many trainers may share a few cores
-    # The first optimizer built in a process imports torch._dynamo (about a second): pay it
-    # now, before joining, rather than inside the first round.
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-
     study_path = Path(args.study).resolve()
     try:
         study = load_study(study_path)
@@ -118,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_samples=data.n_test,
         features=data.n_features,
     )
+
+    # The first optimizer built in a process imports torch._dynamo (about a second): pay it
+    # now, before joining, rather than inside the first round.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
     channel = grpc.insecure_channel(args.aggregator)
     try:
