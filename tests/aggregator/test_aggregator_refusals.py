@@ -177,11 +177,16 @@ def test_a_dropped_stream_frees_the_staging_buffer(
         release.wait(5)
 
     call = b.stub.SubmitUpdate.future(stalled(), timeout=10)
-    time.sleep(0.3)  # b's stream now holds the staging buffer
+    deadline = time.monotonic() + 5
+    while not agg.coord._staging.locked():  # b's stream now holds the staging buffer
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     call.cancel()
     release.set()
     assert a.submit(model(1.0), 1, num_samples=1).accepted
     assert b.submit(model(3.0), 1, num_samples=3).accepted
     assert agg.coord.status()["completed_rounds"] == 1
-    assert "update-dropped" in [r.getMessage() for r in caplog.records]
+    while "update-dropped" not in [r.getMessage() for r in caplog.records]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     assert agg.coord.status()["refused_updates"] == {}
