@@ -252,12 +252,15 @@ def _running(obs: Observation, report: AggregatorReport | None) -> tuple[str, Co
     if obs.role == "site":
         if running_sites:
             ready = Condition("Ready", True, "TrainerRunning", "the trainer is running")
-            return "Running", ready, Condition("Progressing", True, "Training", "")
+            msg = "the trainer is taking part in the study"
+            return "Running", ready, Condition("Progressing", True, "Training", msg)
         ready = Condition("Ready", False, "TrainerPending", "the trainer Job has no running pod")
-        return "Pending", ready, Condition("Progressing", True, "Starting", "")
+        msg = "waiting for the trainer's pod to start"
+        return "Pending", ready, Condition("Progressing", True, "Starting", msg)
     if not obs.aggregator_ready:
         ready = Condition("Ready", False, "AggregatorNotReady", "the aggregator is not ready yet")
-        return "Pending", ready, Condition("Progressing", True, "Starting", "")
+        msg = "waiting for the aggregator to become ready"
+        return "Pending", ready, Condition("Progressing", True, "Starting", msg)
     ready = Condition("Ready", True, "AggregatorReady", "the aggregator is serving")
     if obs.report is None:
         why = "the aggregator's /status cannot be reached; its state is unknown"

@@ -187,8 +187,13 @@ class FedEmulator(k8s.KubernetesEmulator):
 
     async def _serve_version(self, request: rendering.Request) -> rendering.Payload:
         payload = await super()._serve_version(request)
-        if isinstance(payload, dict) and str(payload.get("groupVersion", "")).startswith("/"):
-            payload["groupVersion"] = payload["groupVersion"][1:]
+        if isinstance(payload, dict):
+            if str(payload.get("groupVersion", "")).startswith("/"):
+                payload["groupVersion"] = payload["groupVersion"][1:]
+            for entry in payload.get("resources") or []:
+                if "/" in entry.get("name", ""):  # subresources have no short names
+                    entry["shortNames"] = []
+                    entry["categories"] = []
         return payload
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
