@@ -375,6 +375,7 @@ async def test_an_expired_irb_blocks_the_study_and_a_renewal_releases_it(
     async with operator(aggregators, clock):
         await api(kmock, "POST", STUDIES, study(sites=2, irb_until="2027-06-30"))
         await wait_for(lambda: set(children(kmock)) == EXPECTED_CHILDREN, what="children")
+        await wait_for(lambda: phase(kmock) == "Pending", what="status")
         blocked = condition(kmock, "Blocked")
         assert (blocked["status"], blocked["reason"]) == ("False", "IRBApproved")
         assert "IRB-2026-0142" in blocked["message"]
