@@ -27,6 +27,7 @@ EventSink = Callable[[Mapping[str, Any], status.Transition], None]
 # Kinds the operator deletes when no longer wanted. PVCs are kept: they hold the aggregator's
 # checkpoints and each site's privacy ledger; they go with the study (owner reference).
 PRUNED_KINDS = ("Job", "Deployment", "Service", "NetworkPolicy", "ConfigMap")
+CHILD_KINDS = (*PRUNED_KINDS, "PersistentVolumeClaim")
 
 
 @dataclasses.dataclass
@@ -170,6 +171,9 @@ class Reconciler:
     async def _reconcile(self, body: Mapping[str, Any]) -> Outcome:
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
+        if meta.get("deletionTimestamp"):
+            # Going away: its children go with it (owner references); make nothing new.
+            return Outcome(phase="Deleting")
         study, options, problems = self._validate(body)
         if problems or study is None or options is None:
             await self._write_status(body, "Invalid", status.invalid_conditions(problems), {})
@@ -201,8 +205,9 @@ class Reconciler:
             children, sites = plan.children, plan.sites
         else:
             children, sites = [], []
-        live = await self._apply(children, namespace, outcome)
-        await self._prune(name, namespace, meta.get("uid"), children, outcome)
+        existing = await self._existing(name, namespace)
+        live = await self._apply(children, namespace, existing, outcome)
+        await self._prune(meta.get("uid"), namespace, children, existing, outcome)
 
         trainers = {
             s: status.trainer_phase(live.get(f"Job/{builders.trainer_name(name, s)}"))
@@ -254,25 +259,40 @@ class Reconciler:
             return f"{detail}; the study's workloads are paused until then", ""
         return None, f"IRB protocol {irb.protocol} approved until {irb.approvedUntil.isoformat()}"
 
+    async def _existing(self, study: str, namespace: str) -> dict[str, dict[str, Any]]:
+        """The study's children as they are: one labelled list per kind."""
+        out: dict[str, dict[str, Any]] = {}
+        for kind in CHILD_KINDS:
+            for obj in await self.kube.list(kind, namespace, {builders.STUDY_LABEL: study}):
+                obj.setdefault("kind", kind)  # list items carry no kind
+                out[_key(obj)] = obj
+        return out
+
     async def _apply(
-        self, children: list[dict[str, Any]], namespace: str, outcome: Outcome
+        self,
+        children: list[dict[str, Any]],
+        namespace: str,
+        existing: Mapping[str, dict[str, Any]],
+        outcome: Outcome,
     ) -> dict[str, dict[str, Any]]:
         """Creates the missing children and patches those that differ; returns what exists."""
         live: dict[str, dict[str, Any]] = {}
         for child in children:
             key = _key(child)
-            name = child["metadata"]["name"]
-            current = await self.kube.get(child["kind"], namespace, name)
+            kind, name = child["kind"], child["metadata"]["name"]
+            current = existing.get(key)
             if current is None:
                 try:
-                    current = await self.kube.create(child)
+                    live[key] = await self.kube.create(child)
                     outcome.created.append(key)
                     log.info("created %s namespace=%s", key, namespace)
+                    continue
                 except Conflict:
-                    current = await self.kube.get(child["kind"], namespace, name)
+                    # There, but not labelled as the study's: read it and judge it below.
+                    current = await self.kube.get(kind, namespace, name)
                     if current is None:
                         raise
-            elif not _owned_by(current, child["metadata"]["ownerReferences"][0]["uid"]):
+            if not _owned_by(current, child["metadata"]["ownerReferences"][0]["uid"]):
                 log.warning(
                     "not touching %s namespace=%s: it exists and the study does not own it",
                     key,
@@ -281,7 +301,7 @@ class Reconciler:
             else:
                 patch = _patch_for(child, current)
                 if patch is not None:
-                    current = await self.kube.patch(child["kind"], namespace, name, patch)
+                    current = await self.kube.patch(kind, namespace, name, patch)
                     outcome.patched.append(key)
                     log.info("patched %s namespace=%s", key, namespace)
             live[key] = current
@@ -289,23 +309,21 @@ class Reconciler:
 
     async def _prune(
         self,
-        study: str,
-        namespace: str,
         uid: str | None,
+        namespace: str,
         children: list[dict[str, Any]],
+        existing: Mapping[str, dict[str, Any]],
         outcome: Outcome,
     ) -> None:
         """Deletes the study's children that are no longer wanted (e.g. a removed site's Job)."""
         wanted = {_key(c) for c in children}
-        for kind in PRUNED_KINDS:
-            for obj in await self.kube.list(kind, namespace, {builders.STUDY_LABEL: study}):
-                obj.setdefault("kind", kind)
-                key = _key(obj)
-                if key in wanted or not _owned_by(obj, uid):
-                    continue
-                await self.kube.delete(kind, namespace, obj["metadata"]["name"])
-                outcome.deleted.append(key)
-                log.info("deleted %s namespace=%s", key, namespace)
+        for key, obj in existing.items():
+            kind = obj["kind"]
+            if key in wanted or kind not in PRUNED_KINDS or not _owned_by(obj, uid):
+                continue
+            await self.kube.delete(kind, namespace, obj["metadata"]["name"])
+            outcome.deleted.append(key)
+            log.info("deleted %s namespace=%s", key, namespace)
 
     async def _write_status(
         self,
