@@ -149,6 +149,62 @@ class Training(_Strict):
     weightDecay: float = Field(default=0.0, ge=0.0, strict=False)
 
 
+class Privacy(_Strict):
+    """Differential privacy at each site: DP-SGD (Opacus) with Poisson sampling.
+
+    Unless ``noiseMultiplier`` is given, each trainer calibrates the noise once for the whole
+    planned study (``rounds * localSteps`` steps at sample rate ``batchSize / train rows``) so
+    that the study ends at or below ``targetEpsilon``. ``delta`` must also be below
+    ``1 / (a site's train rows)``; the trainer checks that once it has read its data.
+    """
+
+    targetEpsilon: float = Field(strict=False)
+    delta: float = Field(strict=False)
+    maxGradNorm: float = Field(default=1.0, strict=False)
+    noiseMultiplier: float | None = Field(default=None, strict=False)
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+
+    @field_validator("targetEpsilon")
+    @classmethod
+    def _epsilon(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(
+                f"the privacy budget must be above 0, got {v}; set it to e.g. 1.0 "
+                "(stronger privacy) or 8.0 (weaker)"
+            )
+        return v
+
+    @field_validator("delta")
+    @classmethod
+    def _delta(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError(
+                f"delta must lie strictly between 0 and 1, got {v}; use a value below "
+                "1 / (the smallest site's train rows), e.g. 1.0e-5"
+            )
+        return v
+
+    @field_validator("maxGradNorm")
+    @classmethod
+    def _clip(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(
+                f"the per-sample gradient clipping bound must be above 0, got {v}; "
+                "1.0 is a common start"
+            )
+        return v
+
+    @field_validator("noiseMultiplier")
+    @classmethod
+    def _noise(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError(
+                f"the noise multiplier must be above 0, got {v}; remove it to have the "
+                "trainer calibrate it from targetEpsilon"
+            )
+        return v
+
+
 class Preprocessing(_Strict):
     """How every site turns its table into features; the same at each site, so models align.
 
@@ -261,6 +317,7 @@ class StudySpec(_Strict):
     training: Training = Field(default_factory=Training)
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     governance: Governance = Field(default_factory=Governance)
+    privacy: Privacy | None = None
     seed: int = Field(default=0, ge=0)
     localBaseline: bool = True
     sites: list[Site] = Field(min_length=1)
