@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from fedstudy.certs import init_ca_dir, issue_cert, read_credentials, write_credentials
 from fedstudy.spec import FederatedStudy, StudyError, check_irb, check_local_files, load_study
 
 OUTPUT_FILES = ("model.safetensors", "metrics.jsonl", "summary.json")
@@ -269,6 +270,25 @@ def prepare_out(out: Path, keep_state: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def provision_tls(study: FederatedStudy, tls_dir: Path) -> dict[str, Path]:
+    """An ephemeral CA for this run, a server certificate for the aggregator on loopback and
+    one client certificate per site: the local engine speaks mutual TLS like production.
+
+    Returns the folder each process reads (``aggregator`` and every site name).
+    """
+    ca_dir = tls_dir / "ca"
+    init_ca_dir(study.name, ca_dir, days=30, force=True)
+    ca = read_credentials(ca_dir, "ca")
+    dirs: dict[str, Path] = {}
+    names = [("aggregator", True), *((s.name, False) for s in study.spec.sites)]
+    for name, server in names:
+        hosts = ["127.0.0.1", "localhost"] if server else None
+        creds = issue_cert(name, ca.cert, ca.key, server=server, hosts=hosts, days=30)
+        dirs[name] = tls_dir / name
+        write_credentials(creds, dirs[name], name)
+    return dirs
+
+
 def _error(*lines: str) -> None:
     """Errors go to stderr as plain lines: never wrapped, so paths stay whole."""
     for line in lines:
@@ -298,6 +318,7 @@ def run_study(
     sup = Supervisor(out / "logs")
     agg_state = out / "state" / "aggregator"
     agg_state.mkdir(parents=True, exist_ok=True)
+    tls_dirs = provision_tls(study, out / "state" / "tls")
     (agg_state / "endpoint.json").unlink(missing_ok=True)
     console.print(
         f"study {study.name}: {len(study.spec.sites)} sites, {study.spec.rounds} "
@@ -323,6 +344,8 @@ def run_study(
                     str(out),
                     "--linger",
                     "10",
+                    "--tls-dir",
+                    str(tls_dirs["aggregator"]),
                 ],
             )
             ep = _wait_endpoint(agg_state / "endpoint.json", agg, STARTUP_TIMEOUT_S)
@@ -339,6 +362,8 @@ def run_study(
                         str(ep["grpc"]),
                         "--state-dir",
                         str(out / "state" / "sites" / site.name),
+                        "--tls-dir",
+                        str(tls_dirs[site.name]),
                     ],
                 )
             with Progress(study, progress, console) as prog:

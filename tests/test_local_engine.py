@@ -18,6 +18,9 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
+from fedstudy.local import provision_tls
+from fedstudy.spec import load_study
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 HEART_DATA = ROOT.parent / "shared" / "data" / "heart-disease"
@@ -240,6 +243,7 @@ def test_aggregator_killed_mid_study_resumes_without_counting_a_round_twice(
     out = tmp_path / "out"
     logs = tmp_path / "logs"
     logs.mkdir()
+    tls = provision_tls(load_study(study), tmp_path / "tls")
     agg_args = [
         sys.executable,
         "-m",
@@ -257,6 +261,8 @@ def test_aggregator_killed_mid_study_resumes_without_counting_a_round_twice(
         str(out),
         "--linger",
         "10",
+        "--tls-dir",
+        str(tls["aggregator"]),
     ]
 
     def start_aggregator(n: int) -> subprocess.Popen[bytes]:
@@ -283,6 +289,8 @@ def test_aggregator_killed_mid_study_resumes_without_counting_a_round_twice(
                         grpc_addr,
                         "--state-dir",
                         str(state / site),
+                        "--tls-dir",
+                        str(tls[site]),
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from fedstudy import tls
 from fedstudy.logs import event, setup
 from fedstudy.spec import StudyError, load_study
 
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="once done, how long to wait for every site to hear it (default 5)",
     )
+    tls.add_arguments(p, "aggregator")
     p.add_argument(
         "--log-level",
         default="info",
@@ -94,6 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in e.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    try:
+        creds = tls.credentials_from_args(args, "aggregator")
+    except tls.TlsError as e:
+        print(f"fedstudy aggregator: {e}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     received: list[int] = []
 
@@ -111,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             http=args.http,
             log=log,
             linger=args.linger,
+            tls=creds,
         )
         server.start()
     except (CheckpointError, BindError, OSError) as e:

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import grpc
 
+from fedstudy.certs import Credentials
 from fedstudy.fsutil import atomic_write_json
 from fedstudy.logs import event
 from fedstudy.spec import FederatedStudy
+from fedstudy.tls import server_credentials
 from fedstudy.wire import aggregator_pb2_grpc as pb_grpc
 
 from .rounds import Coordinator
@@ -60,6 +62,7 @@ class AggregatorServer:
         log: logging.Logger | None = None,
         linger: float = 5.0,
         tick_seconds: float = 0.05,
+        tls: Credentials | None = None,
     ) -> None:
         self.log = log or logging.getLogger("aggregator")
         self.state_dir = state_dir
@@ -67,6 +70,7 @@ class AggregatorServer:
         self.http_addr = http
         self.linger = linger
         self.tick_seconds = tick_seconds
+        self.tls = tls
         self.coord = Coordinator(study, state_dir, out_dir or state_dir, self.log)
         workers = 2 * len(study.spec.sites) + 8
         self._grpc = grpc.server(
@@ -74,7 +78,7 @@ class AggregatorServer:
             options=[("grpc.so_reuseport", 0)],
         )
         pb_grpc.add_AggregatorServicer_to_server(
-            AggregatorService(self.coord, self.log), self._grpc
+            AggregatorService(self.coord, self.log, verify_identity=tls is not None), self._grpc
         )
         self._http: HttpServer | None = None
         self._halt = threading.Event()
@@ -86,7 +90,10 @@ class AggregatorServer:
         ghost, _ = split_address(self.listen)
         hhost, hport = split_address(self.http_addr)
         try:
-            gport = self._grpc.add_insecure_port(self.listen)
+            if self.tls is None:
+                gport = self._grpc.add_insecure_port(self.listen)
+            else:
+                gport = self._grpc.add_secure_port(self.listen, server_credentials(self.tls))
         except RuntimeError as e:
             raise BindError(f"cannot listen for gRPC on {self.listen}: {e}") from None
         if gport == 0:
@@ -106,7 +113,13 @@ class AggregatorServer:
             "pid": os.getpid(),
         }
         atomic_write_json(self.state_dir / ENDPOINT_FILE, self.endpoint)
-        event(self.log, "listening", grpc=self.endpoint["grpc"], http=self.endpoint["http"])
+        event(
+            self.log,
+            "listening",
+            grpc=self.endpoint["grpc"],
+            http=self.endpoint["http"],
+            mutual_tls=self.tls is not None,
+        )
         return self.endpoint
 
     def _run_timer(self) -> None:

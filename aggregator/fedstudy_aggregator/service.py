@@ -1,7 +1,13 @@
-"""The gRPC face of the aggregator: each RPC hands its message to the ``Coordinator``."""
+"""The gRPC face of the aggregator: each RPC hands its message to the ``Coordinator``.
+
+With mutual TLS the caller's identity is the common name of its verified certificate, and a
+call that names another site is refused (``identity-mismatch``) before the coordinator sees
+it; the refusal is logged and counted like any other.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 
@@ -9,6 +15,7 @@ import grpc
 
 from fedstudy.logs import event
 from fedstudy.tensors import to_chunks
+from fedstudy.tls import peer_name
 from fedstudy.wire import aggregator_pb2 as pb
 from fedstudy.wire import aggregator_pb2_grpc as pb_grpc
 from fedstudy.wire import tensors_pb2
@@ -23,23 +30,47 @@ _CODES = {
 
 
 class AggregatorService(pb_grpc.AggregatorServicer):
-    def __init__(self, coordinator: Coordinator, log: logging.Logger) -> None:
+    def __init__(
+        self, coordinator: Coordinator, log: logging.Logger, *, verify_identity: bool = False
+    ) -> None:
         self.coord = coordinator
         self.log = log
+        self.verify_identity = verify_identity
+
+    def _impostor(self, context: grpc.ServicerContext, claimed: str, rpc: str) -> str | None:
+        """Why the caller may not speak for site ``claimed``, or None when it may."""
+        if not self.verify_identity:
+            return None
+        peer = peer_name(context)
+        if peer == claimed:
+            return None
+        message = (
+            f"the client certificate names {peer!r}, the call claims site {claimed!r}"
+            if peer
+            else "the call carries no verified client certificate"
+        )
+        self.coord.record_refused_call("identity-mismatch", rpc, claimed, peer, message)
+        return message
 
     def Join(  # noqa: N802
         self, request: pb.JoinRequest, context: grpc.ServicerContext
     ) -> pb.JoinResponse:
+        if (why := self._impostor(context, request.site, "Join")) is not None:
+            return pb.JoinResponse(accepted=False, reason="identity-mismatch", message=why)
         return self.coord.join(request)
 
     def GetTask(  # noqa: N802
         self, request: pb.TaskRequest, context: grpc.ServicerContext
     ) -> pb.TaskResponse:
+        if (why := self._impostor(context, request.site, "GetTask")) is not None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         return self.coord.get_task(request, context.is_active)
 
     def DownloadModel(  # noqa: N802
         self, request: pb.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[tensors_pb2.TensorChunk]:
+        if (why := self._impostor(context, request.site, "DownloadModel")) is not None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         try:
             weights = self.coord.model_for_download(request)
         except DownloadRefused as e:
@@ -49,8 +80,14 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def SubmitUpdate(  # noqa: N802
         self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
     ) -> pb.UpdateReceipt:
+        first = next(request_iterator, None)
+        if first is not None and first.WhichOneof("part") == "header":
+            why = self._impostor(context, first.header.site, "SubmitUpdate")
+            if why is not None:
+                return pb.UpdateReceipt(accepted=False, reason="identity-mismatch", message=why)
+        stream = itertools.chain([first] if first is not None else [], request_iterator)
         try:
-            return self.coord.submit(request_iterator)
+            return self.coord.submit(stream)
         except grpc.RpcError as e:
             # The client went away mid-stream; nothing was folded in.
             event(self.log, "update-dropped", logging.WARNING, error=repr(e))
@@ -59,9 +96,13 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def Report(  # noqa: N802
         self, request: pb.ReportRequest, context: grpc.ServicerContext
     ) -> pb.ReportReceipt:
+        if (why := self._impostor(context, request.site, "Report")) is not None:
+            return pb.ReportReceipt(accepted=False, reason="identity-mismatch", message=why)
         return self.coord.report(request)
 
     def Leave(  # noqa: N802
         self, request: pb.LeaveRequest, context: grpc.ServicerContext
     ) -> pb.LeaveReceipt:
+        if self._impostor(context, request.site, "Leave") is not None:
+            return pb.LeaveReceipt(accepted=False)
         return self.coord.leave(request)

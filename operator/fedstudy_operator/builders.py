@@ -289,6 +289,8 @@ def build_aggregator_deployment(
             AGGREGATOR_STATE,
             "--out",
             f"{AGGREGATOR_STATE}/out",
+            "--tls-dir",
+            TLS_DIR,
         ],
         "env": _env(),
         "ports": [
@@ -498,6 +500,8 @@ def build_trainer_job(
             address,
             "--state-dir",
             SITE_STATE,
+            "--tls-dir",
+            TLS_DIR,
         ],
         "env": _env(),
         "securityContext": _container_security(),

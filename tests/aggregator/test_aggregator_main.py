@@ -60,7 +60,7 @@ def test_healthz_status_and_metrics_over_http(start: StartFn) -> None:
     code, ctype, body = get(f"http://{http}/metrics")
     assert code == 200
     assert ctype.startswith("text/plain; version=0.0.4")
-    assert "fedstudy_sites_answered 1" in body
+    assert 'fedstudy_sites_answered{study="demo"} 1.0' in body
     assert get(f"http://{http}/nope")[0] == 404
 
 
@@ -89,6 +89,7 @@ def aggregator(tmp_path: Path, study: Path, *extra: str) -> subprocess.Popen[str
             "127.0.0.1:0",
             "--state-dir",
             str(tmp_path / "state"),
+            "--insecure",
             *extra,
         ],
         stdout=subprocess.PIPE,

@@ -217,6 +217,8 @@ def test_aggregator_deployment() -> None:
         "/var/lib/fedstudy/aggregator",
         "--out",
         "/var/lib/fedstudy/aggregator/out",
+        "--tls-dir",
+        "/etc/fedstudy/tls",
     ]
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -296,6 +298,8 @@ def test_trainer_job_for_a_gpu_site_in_site_role() -> None:
         "fl.hospital-network.example:7700",
         "--state-dir",
         "/var/lib/fedstudy/site",
+        "--tls-dir",
+        "/etc/fedstudy/tls",
     ]
     assert c["resources"] == {
         "requests": {"cpu": "2", "memory": "4Gi"},

@@ -41,7 +41,7 @@ def _run(study: Path, address: str, tmp_path: Path, *extra: str) -> int:
     return main(
         [
             "--study", str(study), "--site", "site-0", "--aggregator", address,
-            "--state-dir", str(tmp_path / "state"), "--wait-seconds", "0.2", *extra,
+            "--state-dir", str(tmp_path / "state"), "--wait-seconds", "0.2", "--insecure", *extra,
         ]
     )  # fmt: skip
 
@@ -234,7 +234,7 @@ def test_cli_entry_point_logs_json_lines(tmp_path: Path, serve: Any) -> None:
         [
             sys.executable, "-m", "fedstudy", "trainer", "--study", str(study),
             "--site", "site-1", "--aggregator", served.address,
-            "--state-dir", str(tmp_path / "s1"), "--wait-seconds", "0.2",
+            "--state-dir", str(tmp_path / "s1"), "--wait-seconds", "0.2", "--insecure",
         ],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip

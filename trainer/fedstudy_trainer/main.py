@@ -13,10 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
 import torch
 
-from fedstudy import logs
+from fedstudy import logs, tls
 from fedstudy.spec import StudyError, load_study
 from fedstudy.wire import aggregator_pb2_grpc
 from fedstudy_trainer.client import (
@@ -64,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="SECONDS",
         help="how long a task request may wait at the aggregator (default: 10)",
+    )
+    tls.add_arguments(parser, "site")
+    parser.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="check the aggregator's certificate for this name instead of ADDR's host",
     )
     parser.add_argument(
         "--log-level",
@@ -118,7 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # now, before joining, rather than inside the first round.
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
-    channel = grpc.insecure_channel(args.aggregator)
+    try:
+        creds = tls.credentials_from_args(args, site.name)
+    except tls.TlsError as e:
+        return _fail(log, "tls-invalid", str(e), EXIT_REFUSED)
+    channel = tls.open_channel(args.aggregator, creds, args.server_name)
     try:
         trainer = SiteTrainer(
             study,
