@@ -102,7 +102,7 @@ class Model(_Strict):
         return self
 
 
-StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed-mean"]
 
 
 class Strategy(_Strict):
@@ -110,6 +110,11 @@ class Strategy(_Strict):
 
     ``mu`` is FedProx's proximal coefficient. FedAdam and FedYogi keep a server optimizer:
     ``serverLearningRate``, ``beta1``, ``beta2`` and ``tau`` (the adaptivity, Reddi et al. 2021).
+    ``median`` and ``trimmed-mean`` are robust to a few bad sites: the coordinate-wise median,
+    or the mean after dropping ``trimFraction`` of the values at each end.
+
+    ``maxUpdateNorm`` bounds each site's update (the L2 norm of its change to the global
+    model), with any strategy: ``normPolicy`` clips a larger update to the bound, or refuses it.
     """
 
     name: StrategyName = "fedavg"
@@ -118,6 +123,9 @@ class Strategy(_Strict):
     beta1: float | None = Field(default=None, ge=0, lt=1, strict=False)
     beta2: float | None = Field(default=None, ge=0, lt=1, strict=False)
     tau: float | None = Field(default=None, gt=0, strict=False)
+    trimFraction: float | None = Field(default=None, gt=0, lt=0.5, strict=False)
+    maxUpdateNorm: float | None = Field(default=None, gt=0, strict=False)
+    normPolicy: Literal["clip", "refuse"] = "clip"
 
     @model_validator(mode="after")
     def _fields_of_strategy(self) -> Strategy:
@@ -131,6 +139,8 @@ class Strategy(_Strict):
                         f"'{field}' belongs to the server optimizer of fedadam/fedyogi; "
                         f"{self.name} does not use it"
                     )
+        if self.name != "trimmed-mean" and self.trimFraction is not None:
+            raise ValueError(f"'trimFraction' belongs to trimmed-mean; {self.name} does not use it")
         return self
 
     @property

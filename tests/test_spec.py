@@ -124,7 +124,7 @@ MALFORMED = [
     pytest.param(
         _with("spec.strategy.name", "fedsgd"),
         "spec.strategy.name: Input should be "
-        "'fedavg', 'fedprox', 'fedadam' or 'fedyogi', got 'fedsgd'",
+        "'fedavg', 'fedprox', 'fedadam', 'fedyogi', 'median' or 'trimmed-mean', got 'fedsgd'",
         id="unknown-strategy",
     ),
     pytest.param(

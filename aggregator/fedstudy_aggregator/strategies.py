@@ -7,6 +7,11 @@ memory stays near one model whatever the number of sites), then ``aggregate()``.
 The arithmetic lives in pure functions (``fold_mean``, ``finish_mean``, ``adam_step``,
 ``yogi_step``) so it can be tested on hand-computed numbers.
 
+Robust strategies (coordinate-wise median, trimmed mean) need every update at once: they keep
+each accepted update until the round aggregates, so their memory grows with the number of
+sites. They ignore sample counts for float tensors (a site could lie about its count).
+``update_norm``/``clip_update`` bound a single site's change, with any strategy.
+
 Server optimizers (FedAdam, FedYogi; Reddi et al. 2021, "Adaptive Federated Optimization")
 follow the paper without bias correction, as Flower does. Unlike Flower, the second moment
 ``v`` starts at zero rather than ``tau**2``: with zero moments the first step moves each
@@ -30,6 +35,7 @@ DEFAULT_ETA = 0.01
 DEFAULT_BETA1 = 0.9
 DEFAULT_BETA2 = 0.99
 DEFAULT_TAU = 1e-3
+DEFAULT_TRIM = 0.25
 
 
 def accumulator_dtype(dtype: np.dtype[np.generic]) -> np.dtype[np.floating]:
@@ -281,10 +287,110 @@ class FedYogi(_ServerOptimizer):
         )
 
 
+def update_norm(weights: Mapping[str, Array], base: Mapping[str, Array]) -> float:
+    """The L2 norm of the change from ``base`` to ``weights`` over the float tensors."""
+    total = 0.0
+    for k, g in base.items():
+        if g.dtype.kind == "f":
+            d = np.subtract(weights[k], g, dtype=np.float64)
+            total += float(np.dot(d.ravel(), d.ravel()))
+    return float(np.sqrt(total))
+
+
+def clip_update(weights: Mapping[str, Array], base: Mapping[str, Array], bound: float) -> Weights:
+    """``weights`` moved back towards ``base`` so the change's norm is at most ``bound``."""
+    norm = update_norm(weights, base)
+    if norm <= bound:
+        return dict(weights)
+    scale = bound / norm
+    out: Weights = {}
+    for k, g in base.items():
+        w = weights[k]
+        if g.dtype.kind == "f":
+            out[k] = (g + (np.subtract(w, g, dtype=np.float64) * scale)).astype(g.dtype)
+        else:
+            out[k] = w
+    return out
+
+
+def coordinate_median(stack: FloatArray) -> FloatArray:
+    """The median over the first axis, coordinate by coordinate."""
+    return np.asarray(np.median(stack, axis=0))
+
+
+def trimmed_mean(stack: FloatArray, fraction: float) -> FloatArray:
+    """The mean over the first axis after dropping ``fraction`` of the values at each end.
+
+    At least one value per coordinate is kept: with ``n`` values, ``min(floor(fraction*n),
+    (n-1)//2)`` are dropped at each end.
+    """
+    n = stack.shape[0]
+    k = min(int(fraction * n), (n - 1) // 2)
+    ordered = np.sort(stack, axis=0)
+    return np.asarray(ordered[k : n - k].mean(axis=0))
+
+
+class _Robust(Strategy):
+    """Keeps the round's updates and combines float tensors coordinate by coordinate;
+    integer and bool tensors take the weighted mean, as with FedAvg."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._updates: list[Mapping[str, Array]] = []
+
+    def begin_round(self, global_weights: Weights) -> None:
+        super().begin_round(global_weights)
+        self._updates = []
+
+    def accept(self, weights: Mapping[str, Array], num_samples: int) -> None:
+        super().accept(weights, num_samples)
+        self._updates.append(weights)
+
+    def _combine(self, stack: FloatArray) -> FloatArray:
+        raise NotImplementedError
+
+    def aggregate(self) -> Weights:
+        if self._global is None or not self._updates:
+            raise RuntimeError("no update was accepted this round")
+        out = self.average()
+        for k, g in self._global.items():
+            if g.dtype.kind == "f":
+                stack = np.stack([u[k] for u in self._updates]).astype(accumulator_dtype(g.dtype))
+                out[k] = self._combine(stack).astype(g.dtype)
+        self._updates = []
+        return out
+
+
+class Median(_Robust):
+    """The coordinate-wise median of the sites' weights (Yin et al. 2018)."""
+
+    name = "median"
+
+    def _combine(self, stack: FloatArray) -> FloatArray:
+        return coordinate_median(stack)
+
+
+class TrimmedMean(_Robust):
+    """The coordinate-wise mean after trimming the extremes (Yin et al. 2018)."""
+
+    name = "trimmed-mean"
+
+    def __init__(self, fraction: float = DEFAULT_TRIM) -> None:
+        super().__init__()
+        self.fraction = fraction
+
+    def _combine(self, stack: FloatArray) -> FloatArray:
+        return trimmed_mean(stack, self.fraction)
+
+
 def make_strategy(spec: StrategySpec) -> Strategy:
     """The strategy a study names, with its defaults filled in."""
     if spec.name == "fedavg":
         return FedAvg()
+    if spec.name == "median":
+        return Median()
+    if spec.name == "trimmed-mean":
+        return TrimmedMean(DEFAULT_TRIM if spec.trimFraction is None else spec.trimFraction)
     if spec.name == "fedprox":
         return FedProx()
     opts = {

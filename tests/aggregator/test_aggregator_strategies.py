@@ -14,8 +14,12 @@ from fedstudy_aggregator.strategies import (
     FedYogi,
     Strategy,
     adam_step,
+    clip_update,
+    coordinate_median,
     fold_mean,
     make_strategy,
+    trimmed_mean,
+    update_norm,
     weighted_average,
     yogi_step,
 )
@@ -195,3 +199,51 @@ def test_make_strategy_defaults() -> None:
 def test_stateless_strategy_refuses_foreign_state() -> None:
     with pytest.raises(ValueError, match="keeps no state"):
         FedAvg().load_state_dict({"m/w": np.zeros(1)})
+
+
+# --- robust strategies and update norm bounds ------------------------------------------
+
+
+def test_coordinate_median_and_trimmed_mean_by_hand() -> None:
+    stack = np.array([[1.0, 10.0], [2.0, -50.0], [3.0, 20.0], [400.0, 30.0]])
+    np.testing.assert_allclose(coordinate_median(stack), [2.5, 15.0])
+    # fraction 0.25 of 4 values: drop one at each end, average the middle two.
+    np.testing.assert_allclose(trimmed_mean(stack, 0.25), [2.5, 15.0])
+    # Too small a fraction to drop anything: the plain mean.
+    np.testing.assert_allclose(trimmed_mean(stack, 0.1), [101.5, 2.5])
+    # Never drops every value.
+    np.testing.assert_allclose(trimmed_mean(stack[:2], 0.49), [1.5, -20.0])
+
+
+def test_median_strategy_ignores_one_wild_site() -> None:
+    base = {"w": np.zeros(3, np.float32), "n": np.array([4], np.int64)}
+    s = make_strategy(StrategySpec(name="median"))
+    s.begin_round(base)
+    for value in (1.0, 1.1, 0.9, 1000.0):
+        s.accept({"w": np.full(3, value, np.float32), "n": np.array([4], np.int64)}, 10)
+    out = s.aggregate()
+    np.testing.assert_allclose(out["w"], np.full(3, 1.05, np.float32), rtol=1e-6)
+    assert out["w"].dtype == np.float32
+    assert out["n"].tolist() == [4]
+
+
+def test_trimmed_mean_strategy_uses_its_fraction() -> None:
+    base = {"w": np.zeros(1, np.float64)}
+    s = make_strategy(StrategySpec(name="trimmed-mean", trimFraction=0.2))
+    s.begin_round(base)
+    for value in (-100.0, 1.0, 2.0, 3.0, 100.0):
+        s.accept({"w": np.array([value])}, 1)
+    np.testing.assert_allclose(s.aggregate()["w"], [2.0])
+
+
+def test_update_norm_and_clip() -> None:
+    base = {"a": np.zeros(2, np.float32), "b": np.ones(1, np.float32), "k": np.array([1])}
+    w = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([5.0], np.float32),
+         "k": np.array([7])}  # fmt: skip
+    assert update_norm(w, base) == pytest.approx(5.0)
+    clipped = clip_update(w, base, 2.5)
+    assert update_norm(clipped, base) == pytest.approx(2.5, rel=1e-6)
+    np.testing.assert_allclose(clipped["a"], [1.5, 0.0])
+    np.testing.assert_allclose(clipped["b"], [3.0])
+    assert clipped["k"].tolist() == [7]  # integer tensors are not scaled
+    assert clip_update(w, base, 10.0)["a"] is w["a"]
