@@ -27,7 +27,14 @@ from fedstudy.wire import aggregator_pb2 as pb
 from fedstudy.wire import aggregator_pb2_grpc
 from fedstudy_trainer.data import SiteDataset
 from fedstudy_trainer.models import Weights, build_model, get_weights, set_weights
-from fedstudy_trainer.train import derive_seed, evaluate, local_baseline, train_local
+from fedstudy_trainer.privacy import LEAVE_REASON, BudgetExhausted, SitePrivacy
+from fedstudy_trainer.train import (
+    TrainResult,
+    derive_seed,
+    evaluate,
+    local_baseline,
+    train_local,
+)
 
 T = TypeVar("T")
 
@@ -70,6 +77,10 @@ class GaveUp(Exception):
 
 class TaskAbandoned(Exception):
     """A task could not be done (a refused call, a bad model stream); ask for a new one."""
+
+
+class LeftStudy(Exception):
+    """The site told the aggregator it leaves the study (its privacy budget is spent)."""
 
 
 def _code(err: grpc.RpcError) -> grpc.StatusCode | None:
@@ -149,6 +160,12 @@ class SiteTrainer:
         self.signature = signature(self.initial_weights)
         self.state: dict[str, Any] = self._load_state()
         self._baseline: dict[str, float] | None = None
+        self.privacy: SitePrivacy | None = None
+        if self.spec.privacy is not None:  # DP-SGD: checks, calibration, the site's ledger
+            self.privacy = SitePrivacy.create(
+                self.spec, study.name, site, data.n_train, self.model, state_dir
+            )
+            logs.event(self.log, "privacy", **self.privacy.describe())
 
     # --- state -------------------------------------------------------------------------
 
@@ -372,15 +389,18 @@ class SiteTrainer:
                 previous_status=self.state.get("last_update_status"),
             )
         self._download(version)
-        self._report(pb.ReportRequest.EVALUATION, version, self._evaluate(version))
-        result = train_local(
-            self.model,
-            self.data.X_train,
-            self.data.y_train,
-            self.spec.training,
-            proximal_mu=task.proximal_mu,
-            seed=derive_seed(self.spec.seed, self.site, round_),
-        )
+        self._report(pb.ReportRequest.EVALUATION, version, self._with_privacy(version))
+        if self.privacy is not None:
+            result = self._train_private(round_, task.proximal_mu)
+        else:
+            result = train_local(
+                self.model,
+                self.data.X_train,
+                self.data.y_train,
+                self.spec.training,
+                proximal_mu=task.proximal_mu,
+                seed=derive_seed(self.spec.seed, self.site, round_),
+            )
         logs.event(
             self.log,
             "round-trained",
@@ -395,14 +415,45 @@ class SiteTrainer:
             last_round_base_version=version,
             last_round_loss=result.loss if math.isfinite(result.loss) else None,
         )
-        self._submit(round_, version, get_weights(self.model), result.loss)
+        # Under DP the training loss stays here: it is computed from the private rows.
+        sent_loss = result.loss if self.privacy is None else math.nan
+        self._submit(round_, version, get_weights(self.model), sent_loss)
+
+    def _with_privacy(self, version: int) -> dict[str, float]:
+        """The evaluation of ``version``, with the ε spent so far (and δ) under DP."""
+        metrics = self._evaluate(version)
+        return metrics if self.privacy is None else {**metrics, **self.privacy.metrics()}
+
+    def _train_private(self, round_: int, proximal_mu: float) -> TrainResult:
+        """One round of DP-SGD; when it would pass the budget, leaves the study instead."""
+        assert self.privacy is not None
+        try:
+            return self.privacy.train_round(
+                self.model,
+                self.data.X_train,
+                self.data.y_train,
+                self.spec.training,
+                round_=round_,
+                seed=derive_seed(self.spec.seed, self.site, round_),
+                proximal_mu=proximal_mu,
+            )
+        except BudgetExhausted as e:
+            logs.event(
+                self.log, "privacy-budget-exhausted", logging.WARNING, round=round_, why=str(e)
+            )
+            request = pb.LeaveRequest(
+                study=self.study.name, site=self.site, reason=LEAVE_REASON, message=str(e)
+            )
+            self._call("Leave", lambda: self.stub.Leave(request, timeout=CALL_TIMEOUT_S))
+            raise LeftStudy(str(e)) from None
 
     def do_finish(self, task: pb.TaskResponse) -> None:
         version = task.model_version
         self._download(version)
-        metrics = self._evaluate(version)
+        metrics = self._with_privacy(version)
         local_only: dict[str, float] | None = None
-        if self.spec.localBaseline:
+        # Under DP no local-only baseline: it would be trained and reported outside the ledger.
+        if self.spec.localBaseline and self.privacy is None:
             if self._baseline is None:
                 started = time.perf_counter()
                 self._baseline = local_baseline(self.spec, self.site, self.data)
@@ -463,3 +514,6 @@ class SiteTrainer:
                 self.backoff.wait()
             except TaskAbandoned:
                 self.backoff.wait()
+            except LeftStudy as e:
+                logs.event(self.log, "left-study", reason=LEAVE_REASON, message=str(e))
+                return EXIT_DONE

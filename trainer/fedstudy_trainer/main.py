@@ -26,6 +26,7 @@ from fedstudy_trainer.client import (
     SiteTrainer,
 )
 from fedstudy_trainer.data import DataError, load_site_data
+from fedstudy_trainer.privacy import PrivacyError
 
 COMPONENT = "fedstudy.trainer"
 
@@ -142,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trainer.run()
     except JoinRefused as e:
         return _fail(log, "join-refused", str(e), EXIT_REFUSED, reason=e.reason)
+    except PrivacyError as e:
+        return _fail(log, "privacy-invalid", str(e), EXIT_REFUSED)
     except GaveUp as e:
         return _fail(log, "gave-up", str(e), EXIT_UNREACHABLE, aggregator=args.aggregator)
     except KeyboardInterrupt:

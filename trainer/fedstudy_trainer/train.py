@@ -58,7 +58,7 @@ class TrainResult:
     seconds: float
 
 
-def _optimizer(params: list[nn.Parameter], training: Training) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], training: Training) -> torch.optim.Optimizer:
     if training.optimizer == "sgd":
         return torch.optim.SGD(
             params,
@@ -90,7 +90,7 @@ def train_local(
     labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = _optimizer(params, training)
+    optimizer = make_optimizer(params, training)
     batches = minibatches(len(labels), training.batchSize, np.random.default_rng(seed))
     total = 0.0
     model.train()
