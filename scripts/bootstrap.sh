@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
 # Sets up .venv from a fresh clone: Python packages pinned by constraints.txt (torch 2.13.0,
 # CPU build), fedstudy itself in editable mode with the trainer, dev and operator extras, and
-# kubectl and helm in .tools/bin (scripts/k8s-tools.sh) for the operator's tests.
+# kubectl and helm in .tools/bin (scripts/k8s-tools.sh) for the operator's tests, and the
+# Debian package prometheus (prometheus and promtool) for the observability tests.
 # Idempotent: a second run with unchanged pins returns at once.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing prometheus (Debian package) ..."
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+      >/dev/null
+  else
+    echo "bootstrap: prometheus and promtool are missing (apt-get install prometheus as root);" \
+      "the observability tests need them" >&2
+  fi
+fi
 py=${PYTHON:-python3}
 venv="$root/.venv"
 stamp="$venv/.fedstudy-installed"
@@ -20,7 +32,7 @@ echo "setting up $venv ..."
 # torch first and alone: with the pin it comes from the CPU wheel, never a CUDA build.
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt torch
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt \
-  -e ".[trainer,dev,operator]"
+  -e ".[trainer,dev,operator,report]"
 echo "$want" > "$stamp"
 scripts/k8s-tools.sh
 echo "set up: $("$venv/bin/fedstudy" --version), torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)')"

@@ -27,6 +27,7 @@ from fedstudy.wire import aggregator_pb2 as pb
 
 from . import outputs
 from .checkpoint import CheckpointError, CheckpointStore
+from .metrics import AggregatorMetrics, epsilon_budget_of
 from .records import (
     History,
     Metrics,
@@ -126,10 +127,18 @@ class Coordinator:
         self.accepted_total = 0
         self.bytes_received = 0
         self.last_round_duration: float | None = None
+        self.metrics = AggregatorMetrics(
+            self.name,
+            [s.name for s in self.spec.sites],
+            metric=self.spec.task.metric,
+            planned_rounds=self.spec.rounds,
+            epsilon_budget=epsilon_budget_of(self.spec),
+        )
 
         state_dir.mkdir(parents=True, exist_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         self._resume()
+        self._watch_metrics()
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -233,6 +242,20 @@ class Coordinator:
             refused=self.refused,
         )
 
+    def _watch_metrics(self) -> None:
+        """Hands the state gauges to the metrics and publishes what a resumed state knows."""
+        self.metrics.watch(
+            round_fn=lambda: float(self.round if self.round is not None else (self.version or 0)),
+            completed_fn=lambda: float(self.version or 0),
+            joined_fn=lambda: float(len(self._joined())),
+            answered_fn=lambda: float(len(self.answered)),
+            state_fn=lambda: self.phase,
+        )
+        for site in self.sites.values():
+            self.metrics.site_round(site.name, site.last_round)
+            self.metrics.site_metrics(site.name, site.metrics)
+        self.metrics.global_metrics(self.latest_global()[1])
+
     # ----------------------------------------------------------------- transitions
 
     def _joined(self) -> list[str]:
@@ -280,6 +303,7 @@ class Coordinator:
         self.model = self.strategy.aggregate()
         self.version = r
         self.last_round_duration = self.clock() - self.opened_at
+        self.metrics.round_closed(self.last_round_duration)
         self.phase = WAITING if r < self.spec.rounds else FINISHING
         if self.phase == FINISHING:
             self.finishing_since = self.clock()
@@ -287,6 +311,7 @@ class Coordinator:
         self._checkpoint_model()
         if r >= 2:
             self._write_outputs(final=False)
+        global_version, global_metrics, _ = self.latest_global()
         event(
             self.log,
             "round-complete",
@@ -296,6 +321,8 @@ class Coordinator:
             refused=dict(self.round_refused),
             model_version=r,
             planned_rounds=self.spec.rounds,
+            global_version=global_version,
+            global_metrics=global_metrics,
         )
         self.answered = set()
         if self.phase == FINISHING:
@@ -527,6 +554,7 @@ class Coordinator:
                     f"model version {req.model_version} is not available; the current "
                     f"global model is version {self.version}",
                 )
+            self.metrics.bytes_sent(req.site, model_bytes(signature(self.model)))
             return self.model  # never changed in place: rounds make new arrays
 
     # ----------------------------------------------------------------- SubmitUpdate
@@ -557,6 +585,7 @@ class Coordinator:
         with self.cond:
             self.refused[r.reason] += 1
             self.round_refused[r.reason] += 1
+            self.metrics.update_refused(r.reason)
         event(
             self.log,
             "update-refused",
@@ -667,6 +696,7 @@ class Coordinator:
         weights = asm.finish()
         with self.cond:
             self.bytes_received += seen
+            self.metrics.bytes_received(h.site, seen)
         if h.tensor_count != len(weights) or h.total_bytes != asm.received_bytes:
             raise _Refusal(
                 "bad-stream",
@@ -678,6 +708,7 @@ class Coordinator:
     def _fold(self, h: pb.UpdateHeader, weights: Weights) -> None:
         site = self.sites[h.site]
         self.accepted_total += 1
+        self.metrics.update_accepted(site.name, int(h.round))
         if h.round == 0:
             self.model = weights
             self.version = 0
@@ -758,6 +789,9 @@ class Coordinator:
                 site.metrics = dict(line.metrics)
                 site.metrics_version = v
             final = req.kind == pb.ReportRequest.FINAL
+            self.metrics.report(site.name, "final" if final else "evaluation")
+            self.metrics.site_metrics(site.name, site.metrics)
+            self.metrics.global_metrics(self.latest_global()[1])
             event(
                 self.log,
                 "report",
@@ -826,41 +860,9 @@ class Coordinator:
             }
 
     def prometheus(self) -> str:
-        """The same facts in the Prometheus text format."""
+        """The metrics in the Prometheus text format (``/metrics``)."""
         with self.cond:
-            lines = [
-                "# HELP fedstudy_round_completed Rounds the aggregator has completed.",
-                "# TYPE fedstudy_round_completed gauge",
-                f"fedstudy_round_completed {self.version or 0}",
-                "# HELP fedstudy_rounds_planned Rounds the study plans.",
-                "# TYPE fedstudy_rounds_planned gauge",
-                f"fedstudy_rounds_planned {self.spec.rounds}",
-                "# HELP fedstudy_sites_joined Sites joined now.",
-                "# TYPE fedstudy_sites_joined gauge",
-                f"fedstudy_sites_joined {len(self._joined())}",
-                "# HELP fedstudy_sites_answered Sites with an accepted update this round.",
-                "# TYPE fedstudy_sites_answered gauge",
-                f"fedstudy_sites_answered {len(self.answered)}",
-                "# HELP fedstudy_updates_accepted_total Updates accepted.",
-                "# TYPE fedstudy_updates_accepted_total counter",
-                f"fedstudy_updates_accepted_total {self.accepted_total}",
-                "# HELP fedstudy_updates_rejected_total Updates refused, by reason.",
-                "# TYPE fedstudy_updates_rejected_total counter",
-            ]
-            for reason, n in sorted(self.refused.items()):
-                lines.append(f'fedstudy_updates_rejected_total{{reason="{reason}"}} {n}')
-            lines += [
-                "# HELP fedstudy_update_bytes_received_total Bytes of update streams received.",
-                "# TYPE fedstudy_update_bytes_received_total counter",
-                f"fedstudy_update_bytes_received_total {self.bytes_received}",
-            ]
-            if self.last_round_duration is not None:
-                lines += [
-                    "# HELP fedstudy_round_duration_seconds Duration of the last round.",
-                    "# TYPE fedstudy_round_duration_seconds gauge",
-                    f"fedstudy_round_duration_seconds {self.last_round_duration:.6f}",
-                ]
-            return "\n".join(lines) + "\n"
+            return self.metrics.text()
 
     def exit_due(self, linger: float) -> bool:
         """Done, and every joined site has been told, or ``linger`` seconds passed."""

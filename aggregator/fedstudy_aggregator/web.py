@@ -13,6 +13,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
 from fedstudy.logs import event
 
 StatusFn = Callable[[], dict[str, Any]]
@@ -44,7 +46,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, body, "application/json")
             elif path == "/metrics":
                 body = self.server.metrics_fn().encode()
-                self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
+                self._send(200, body, CONTENT_TYPE_PLAIN_0_0_4)
             else:
                 self._send(404, b"not found\n", "text/plain; charset=utf-8")
         except Exception as e:  # a broken status must not kill the server thread

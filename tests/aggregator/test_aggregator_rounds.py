@@ -250,6 +250,6 @@ def test_refused_and_accepted_counts_show_in_metrics(start: StartFn) -> None:
     a, _ = initialise(agg, "s0", "s1")
     a.submit(model(1.0), 5)
     text = agg.coord.prometheus()
-    assert 'fedstudy_updates_rejected_total{reason="future-round"} 1' in text
-    assert "fedstudy_updates_accepted_total 1" in text
+    assert 'fedstudy_updates_refused_total{reason="future-round",study="demo"} 1.0' in text
+    assert 'fedstudy_updates_accepted_total{site="s0",study="demo"} 1.0' in text
     assert Counter(agg.coord.status()["refused_updates"]) == Counter({"future-round": 1})
