@@ -1,8 +1,8 @@
 """``fedstudy aggregator``: run a study's aggregator until the study is done.
 
 Exit codes: 0 when the study is done (completed or ended early, see ``summary.json``) or on
-SIGTERM; 2 for a bad study file or command line; 1 when the state folder cannot be used or
-a port cannot be bound; 130 on SIGINT.
+SIGTERM; 2 for a bad study file or command line; 1 when the state folder cannot be used, a
+port cannot be bound or a checkpoint cannot be written (a full disk); 130 on SIGINT.
 """
 
 from __future__ import annotations
@@ -136,6 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if finished:
         event(log, "exit", reason="study done")
         return 0
+    if server.coord.fatal is not None:
+        print(
+            f"fedstudy aggregator: {server.coord.fatal}; stopped. The last complete checkpoint "
+            f"in {args.state_dir} is intact: free some space and start again to resume.",
+            file=sys.stderr,
+        )
+        return 1
     name = signal.Signals(received[0]).name if received else "stop"
     event(log, "exit", reason=f"{name}: stopped; the last checkpoint is on disk")
     return 130 if received and received[0] == signal.SIGINT else 0

@@ -39,7 +39,7 @@ from .records import (
     history_from_json,
     history_to_json,
 )
-from .strategies import Strategy, make_strategy
+from .strategies import Strategy, clip_update, make_strategy, update_norm
 
 WAITING = "waiting"
 TRAINING = "training"
@@ -64,6 +64,10 @@ class _Refusal(Exception):
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason
         super().__init__(message)
+
+
+class DiskFailure(RuntimeError):
+    """A checkpoint or output could not be written (a full disk, say)."""
 
 
 def describe_mismatch(got: list[TensorSpec], want: list[TensorSpec]) -> str | None:
@@ -113,6 +117,10 @@ class Coordinator:
         self.history: History = {}
         self.seen_ids: set[str] = set()
         self.refused: Counter[str] = Counter()
+        # Set when a write to disk failed: the process must stop (see _disk_failure).
+        self.fatal: str | None = None
+        # Calls refused before reaching the round logic (e.g. identity-mismatch under mTLS).
+        self.refused_calls: Counter[str] = Counter()
         self.completed = False
         self.ended_reason: str | None = None
 
@@ -208,15 +216,47 @@ class Coordinator:
             "refused": dict(self.refused),
         }
 
+    def _disk_failure(self, what: str, err: OSError) -> DiskFailure:
+        """Marks the aggregator as halted by a failed write; the process then exits non-zero.
+
+        The writes are atomic, so the last complete checkpoint is still on disk: a restart
+        (once there is room) resumes from it.
+        """
+        self.fatal = f"{what} failed: {err.strerror or err} ({err.filename or self.store.dir})"
+        event(
+            self.log,
+            "disk-failure",
+            logging.CRITICAL,
+            what=what,
+            error=self.fatal,
+            last_checkpoint=self.store.state_path.name,
+        )
+        self.cond.notify_all()
+        return DiskFailure(self.fatal)
+
     def _checkpoint_model(self) -> None:
         assert self.model is not None
         assert self.version is not None
-        self.store.save(self._state_json(), self.model, self.strategy.state_dict(), self.version)
+        try:
+            self.store.save(
+                self._state_json(), self.model, self.strategy.state_dict(), self.version
+            )
+        except OSError as e:
+            raise self._disk_failure(f"checkpoint of model version {self.version}", e) from e
 
     def _checkpoint_state(self) -> None:
-        self.store.save_state(self._state_json())
+        try:
+            self.store.save_state(self._state_json())
+        except OSError as e:
+            raise self._disk_failure("writing state.json", e) from e
 
     def _write_outputs(self, final: bool) -> None:
+        try:
+            self._write_outputs_now(final)
+        except OSError as e:
+            raise self._disk_failure("writing the outputs", e) from e
+
+    def _write_outputs_now(self, final: bool) -> None:
         """metrics.jsonl for the rounds whose lines are complete; at the end, every output."""
         v = self.version or 0
         upto = v if final else v - 1
@@ -557,6 +597,23 @@ class Coordinator:
             self.metrics.bytes_sent(req.site, model_bytes(signature(self.model)))
             return self.model  # never changed in place: rounds make new arrays
 
+    def record_refused_call(
+        self, reason: str, rpc: str, claimed: str, peer: str | None, detail: str
+    ) -> None:
+        """Counts and logs a call refused at the door (before any protocol check)."""
+        with self.cond:
+            self.refused_calls[reason] += 1
+        event(
+            self.log,
+            "call-refused",
+            logging.WARNING,
+            rpc=rpc,
+            reason=reason,
+            site=claimed,
+            peer=peer,
+            detail=detail,
+        )
+
     # ----------------------------------------------------------------- SubmitUpdate
 
     def submit(self, stream: Iterator[pb.UpdateChunk]) -> pb.UpdateReceipt:
@@ -705,7 +762,24 @@ class Coordinator:
             )
         return weights
 
+    def _bound_update(self, h: pb.UpdateHeader, weights: Weights) -> Weights:
+        """Applies ``strategy.maxUpdateNorm``: clips a larger update, or refuses it."""
+        bound = self.spec.strategy.maxUpdateNorm
+        if bound is None or self.model is None:
+            return weights
+        norm = update_norm(weights, self.model)
+        if norm <= bound:
+            return weights
+        if self.spec.strategy.normPolicy == "refuse":
+            raise _Refusal(
+                "norm-exceeded", f"the update's norm {norm:.6g} is above the bound {bound:.6g}"
+            )
+        event(self.log, "update-clipped", site=h.site, round=h.round, norm=norm, bound=bound)
+        return clip_update(weights, self.model, bound)
+
     def _fold(self, h: pb.UpdateHeader, weights: Weights) -> None:
+        if h.round > 0:
+            weights = self._bound_update(h, weights)
         site = self.sites[h.site]
         self.accepted_total += 1
         self.metrics.update_accepted(site.name, int(h.round))
@@ -855,6 +929,7 @@ class Coordinator:
                 "global": weighted,
                 "global_version": gv,
                 "refused_updates": dict(sorted(self.refused.items())),
+                "refused_calls": dict(sorted(self.refused_calls.items())),
                 "completed": self.completed if self.phase == DONE else None,
                 "ended_reason": self.ended_reason,
             }

@@ -130,8 +130,11 @@ class AggregatorServer:
                 self.log.exception("timer-error")
 
     def wait(self, stop: threading.Event) -> bool:
-        """Blocks until the study is done and may exit (True) or ``stop`` is set (False)."""
+        """Blocks until the study is done and may exit (True), or ``stop`` is set or a write to
+        disk failed (False; ``self.coord.fatal`` then says what)."""
         while not stop.wait(0.05):
+            if self.coord.fatal is not None:
+                return False
             if self.coord.exit_due(self.linger):
                 return True
         return False

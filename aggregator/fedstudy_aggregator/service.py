@@ -20,7 +20,7 @@ from fedstudy.wire import aggregator_pb2 as pb
 from fedstudy.wire import aggregator_pb2_grpc as pb_grpc
 from fedstudy.wire import tensors_pb2
 
-from .rounds import Coordinator, DownloadRefused
+from .rounds import Coordinator, DiskFailure, DownloadRefused
 
 _CODES = {
     "invalid-argument": grpc.StatusCode.INVALID_ARGUMENT,
@@ -92,17 +92,25 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             # The client went away mid-stream; nothing was folded in.
             event(self.log, "update-dropped", logging.WARNING, error=repr(e))
             context.abort(grpc.StatusCode.CANCELLED, "the update stream was dropped")
+        except DiskFailure as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the aggregator is stopping: {e}")
 
     def Report(  # noqa: N802
         self, request: pb.ReportRequest, context: grpc.ServicerContext
     ) -> pb.ReportReceipt:
         if (why := self._impostor(context, request.site, "Report")) is not None:
             return pb.ReportReceipt(accepted=False, reason="identity-mismatch", message=why)
-        return self.coord.report(request)
+        try:
+            return self.coord.report(request)
+        except DiskFailure as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the aggregator is stopping: {e}")
 
     def Leave(  # noqa: N802
         self, request: pb.LeaveRequest, context: grpc.ServicerContext
     ) -> pb.LeaveReceipt:
         if self._impostor(context, request.site, "Leave") is not None:
             return pb.LeaveReceipt(accepted=False)
-        return self.coord.leave(request)
+        try:
+            return self.coord.leave(request)
+        except DiskFailure as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the aggregator is stopping: {e}")

@@ -307,7 +307,8 @@ def clip_update(weights: Mapping[str, Array], base: Mapping[str, Array], bound: 
     for k, g in base.items():
         w = weights[k]
         if g.dtype.kind == "f":
-            out[k] = (g + (np.subtract(w, g, dtype=np.float64) * scale)).astype(g.dtype)
+            delta = np.subtract(w, g, dtype=np.float64) * scale
+            out[k] = np.add(g, delta, dtype=np.float64).astype(g.dtype)
         else:
             out[k] = w
     return out
