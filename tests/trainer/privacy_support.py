@@ -65,27 +65,30 @@ def run_study(
     endpoint = server.start()
     result = StudyRun(out, {s.name: root / "sites" / s.name for s in study.spec.sites})
 
+    # Trainers are built here, one after the other: building a model seeds torch's global
+    # generator, which threads would share.
+    channels = [grpc.insecure_channel(str(endpoint["grpc"])) for _ in study.spec.sites]
+    trainers = {}
+    for site, channel in zip(study.spec.sites, channels, strict=True):
+        t = SiteTrainer(
+            study,
+            site.name,
+            load_site_data(study, site.name, base_dir or root),
+            aggregator_pb2_grpc.AggregatorStub(channel),
+            result.states[site.name],
+            logging.getLogger("fedstudy.trainer"),
+            connect_timeout=30,
+            wait_seconds=1.0,
+        )
+        if trainer_hook is not None:
+            trainer_hook(t)
+        trainers[site.name] = t
+
     def trainer(name: str) -> None:
-        channel = grpc.insecure_channel(str(endpoint["grpc"]))
         try:
-            data = load_site_data(study, name, base_dir or root)
-            t = SiteTrainer(
-                study,
-                name,
-                data,
-                aggregator_pb2_grpc.AggregatorStub(channel),
-                result.states[name],
-                logging.getLogger("fedstudy.trainer"),
-                connect_timeout=30,
-                wait_seconds=1.0,
-            )
-            if trainer_hook is not None:
-                trainer_hook(t)
-            result.codes[name] = t.run()
+            result.codes[name] = trainers[name].run()
         except BaseException as e:
             result.codes[name] = e
-        finally:
-            channel.close()
 
     threads = [threading.Thread(target=trainer, args=(s.name,)) for s in study.spec.sites]
     try:
@@ -96,4 +99,6 @@ def run_study(
         result.status = server.coord.status()
     finally:
         server.stop(grace=0.5)
+        for channel in channels:
+            channel.close()
     return result
