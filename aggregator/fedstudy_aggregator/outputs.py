@@ -107,6 +107,9 @@ def build_summary(
                 "rounds_participated": s.rounds_participated,
                 "federated": finals.get(s.name, {}),
                 "local_only": s.local_only,
+                # why a site left early; under DP, the ε it last reported (what it spent)
+                **({"left": s.left} if s.left else {}),
+                **({"epsilon": s.metrics["epsilon"]} if "epsilon" in s.metrics else {}),
             }
             for s in sites
         },

@@ -48,9 +48,11 @@ def run_study(
     *,
     base_dir: Path | None = None,
     trainer_hook: Callable[[SiteTrainer], None] | None = None,
+    restart_on: type[BaseException] | None = None,
     timeout: float = 120.0,
 ) -> StudyRun:
-    """Runs ``study`` to its end; ``trainer_hook`` may patch each trainer before it runs."""
+    """Runs ``study`` to its end; ``trainer_hook`` may patch each trainer before it runs; a
+    trainer that dies of ``restart_on`` is started again (once) on the same state dir."""
     out = root / "out"
     server = AggregatorServer(
         study,
@@ -65,28 +67,40 @@ def run_study(
     endpoint = server.start()
     result = StudyRun(out, {s.name: root / "sites" / s.name for s in study.spec.sites})
 
-    # Trainers are built here, one after the other: building a model seeds torch's global
-    # generator, which threads would share.
-    channels = [grpc.insecure_channel(str(endpoint["grpc"])) for _ in study.spec.sites]
-    trainers = {}
-    for site, channel in zip(study.spec.sites, channels, strict=True):
-        t = SiteTrainer(
+    channels: list[grpc.Channel] = []
+
+    def build(name: str) -> SiteTrainer:
+        channel = grpc.insecure_channel(str(endpoint["grpc"]))
+        channels.append(channel)
+        return SiteTrainer(
             study,
-            site.name,
-            load_site_data(study, site.name, base_dir or root),
+            name,
+            load_site_data(study, name, base_dir or root),
             aggregator_pb2_grpc.AggregatorStub(channel),
-            result.states[site.name],
+            result.states[name],
             logging.getLogger("fedstudy.trainer"),
             connect_timeout=30,
             wait_seconds=1.0,
         )
-        if trainer_hook is not None:
+
+    # Trainers are built here, one after the other: building a model seeds torch's global
+    # generator, which threads would share.
+    trainers = {s.name: build(s.name) for s in study.spec.sites}
+    if trainer_hook is not None:
+        for t in trainers.values():
             trainer_hook(t)
-        trainers[site.name] = t
 
     def trainer(name: str) -> None:
         try:
             result.codes[name] = trainers[name].run()
+        except BaseException as e:
+            result.codes[name] = e
+            if restart_on is None or not isinstance(e, restart_on):
+                return
+        else:
+            return
+        try:  # a new trainer on the same state dir, as after a kill
+            result.codes[name] = build(name).run()
         except BaseException as e:
             result.codes[name] = e
 
