@@ -21,6 +21,14 @@ fi
 py=${PYTHON:-python3}
 venv="$root/.venv"
 stamp="$venv/.fedstudy-installed"
+checkov_version=3.3.30
+# checkov, in its own venv and only when missing: its pins would fight ours in .venv.
+if ! [ -x "$root/.venv-checkov/bin/checkov" ]; then
+  echo "setting up .venv-checkov (checkov $checkov_version) ..."
+  "$py" -m venv "$root/.venv-checkov"
+  "$root/.venv-checkov/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "checkov==$checkov_version"
+fi
 want=$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   scripts/k8s-tools.sh
