@@ -11,9 +11,8 @@ COPY fedstudy/ fedstudy/
 COPY aggregator/ aggregator/
 COPY trainer/ trainer/
 COPY operator/ operator/
-# prometheus-client serves the aggregator's /metrics.
 RUN python -m venv /opt/fedstudy \
- && /opt/fedstudy/bin/pip install -c constraints.txt . prometheus-client \
+ && /opt/fedstudy/bin/pip install -c constraints.txt . \
  && /opt/fedstudy/bin/fedstudy --version
 
 FROM ${PYTHON_IMAGE}
