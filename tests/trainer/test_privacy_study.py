@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from fedstudy_trainer.client import SiteTrainer
 from opacus.accountants import RDPAccountant
 from privacy_support import StudyRun, run_study
-from trainer_support import breast_cancer_sites, make_study
+from trainer_support import REPO, breast_cancer_sites, make_study, study_doc
 
-from fedstudy.spec import FederatedStudy
+from fedstudy.spec import FederatedStudy, load_study, parse_study
 
+EXAMPLES = REPO / "examples"
 PRIVACY = {"targetEpsilon": 2.0, "delta": 1e-4, "maxGradNorm": 1.0}
 
 
@@ -111,3 +116,63 @@ def test_a_budget_too_small_ends_the_study_with_the_reason(tmp_path: Path) -> No
     for site in ("site-0", "site-1"):
         assert run.ledger(site)["rounds"] == [1]
         assert summary["sites"][site]["epsilon"] <= 2.0
+
+
+def test_heart_disease_at_epsilon_one(heart_study: FederatedStudy, tmp_path: Path) -> None:
+    """examples/heart-disease-dp.yaml's settings on the four hospitals (FLamby protocol):
+    ε = 1, δ = 1e-3; the published DP reference is 0.69-0.71 mean accuracy."""
+    example = load_study(EXAMPLES / "heart-disease-dp.yaml").spec
+    assert example.privacy is not None
+    doc = heart_study.model_dump(mode="json", exclude_none=True)
+    doc["spec"]["privacy"] = example.privacy.model_dump(mode="json", exclude_none=True)
+    doc["spec"]["training"] = example.training.model_dump(mode="json")
+    assert doc["spec"]["privacy"]["targetEpsilon"] == 1.0
+    assert doc["spec"]["privacy"]["delta"] == 1e-3
+    run = run_study(parse_study(doc), tmp_path)
+    assert set(run.codes.values()) == {0}
+    summary = run.summary
+    assert summary["completed"] is True
+    assert summary["global"]["site_mean"]["accuracy"] >= 0.68
+    for site in summary["sites"].values():
+        assert 0.9 < site["epsilon"] <= 1.0
+
+
+@pytest.mark.slow
+def test_fedstudy_run_with_dp(tmp_path: Path) -> None:
+    """The whole thing through ``fedstudy run``: processes, the real CLI and outputs."""
+    doc = study_doc(
+        breast_cancer_sites(2),
+        rounds=3,
+        model={"name": "mlp", "hidden": [16]},
+        training={"localSteps": 10, "batchSize": 16, "optimizer": "sgd", "learningRate": 0.1},
+        privacy=PRIVACY,
+        roundTimeoutSeconds=60,
+    )
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedstudy",
+            "run",
+            str(study),
+            "--out",
+            str(out),
+            "--progress",
+            "plain",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((x["round"], x["site"]) for x in lines if "epsilon" in x) == [
+        (r, s) for r in (1, 2, 3) for s in ("site-0", "site-1")
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    for site in ("site-0", "site-1"):
+        assert 1.9 < summary["sites"][site]["epsilon"] <= PRIVACY["targetEpsilon"]
