@@ -67,6 +67,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedstudy.report import ReportError, epsilon_budget_of, write_report
+    from fedstudy.spec import StudyError, load_study
+
+    metric, budget = args.metric, None
+    if args.study:
+        try:
+            study = load_study(args.study)
+        except StudyError as e:
+            print(f"fedstudy report: {args.study}: invalid study", file=sys.stderr)
+            for p in e.problems:
+                print(f"  {p}", file=sys.stderr)
+            return 2
+        metric = metric or study.spec.task.metric
+        budget = epsilon_budget_of(study.spec)
+    try:
+        path = write_report(Path(args.out_dir), metric=metric, epsilon_budget=budget)
+    except ReportError as e:
+        print(f"fedstudy report: {e}", file=sys.stderr)
+        return 1
+    print(f"report: {path}")
+    return 0
+
+
 def _cmd_certs_init(args: argparse.Namespace) -> int:
     from fedstudy.certs import init_ca_dir
 
@@ -134,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume from the output folder's state instead of starting afresh",
     )
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="write a study's report.md and plots from its outputs")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the study's output folder (fedstudy run)")
+    p.add_argument("--metric", help="the metric to plot (default: the study's, or auc/accuracy)")
+    p.add_argument("--study", help="the study file: its metric and privacy budget (optional)")
+    p.set_defaults(func=_cmd_report)
 
     certs = sub.add_parser("certs", help="a CA per study, certificates for sites and aggregator")
     csub = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)

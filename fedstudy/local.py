@@ -30,6 +30,7 @@ from rich.live import Live
 from rich.table import Table
 
 from fedstudy.certs import init_ca_dir, issue_cert, read_credentials, write_credentials
+from fedstudy.report import ReportError, epsilon_budget_of, write_report
 from fedstudy.spec import FederatedStudy, StudyError, check_irb, check_local_files, load_study
 
 OUTPUT_FILES = ("model.safetensors", "metrics.jsonl", "summary.json")
@@ -399,6 +400,11 @@ def run_study(
         _error(f"study {study.name}: no readable summary at {summary_path}: {e}")
         return 1
     console.print(summary_table(summary, study.spec.task.metric))
+    try:
+        report = write_report(out, study.spec.task.metric, epsilon_budget_of(study.spec))
+        console.print(f"report: {report}", markup=False)
+    except (ReportError, OSError) as e:
+        _error(f"study {study.name}: could not write the report: {e}")
     elapsed = time.monotonic() - started
     if not summary.get("completed", False):
         _error(
