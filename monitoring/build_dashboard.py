@@ -215,12 +215,19 @@ def build() -> dict[str, Any]:
         .with_panel(
             _timeseries(
                 "Refused updates by reason",
-                "Updates refused per reason, over the rate interval.",
+                "Updates refused per reason, and calls refused before any protocol check "
+                "(a certificate for another site), over the rate interval.",
                 "none",
                 _query(
                     f"sum by (reason) (increase(fedstudy_updates_refused_total{{{SEL}}}[{rate}]))",
                     "{{reason}}",
                     "A",
+                ),
+                _query(
+                    "sum by (reason, rpc) "
+                    f"(increase(fedstudy_calls_refused_total{{{SEL}}}[{rate}]))",
+                    "{{reason}} ({{rpc}} call)",
+                    "B",
                 ),
             )
         )

@@ -37,9 +37,11 @@ KNOWN_REFUSALS = (
     "missing-tensor",
     "non-finite",
     "norm-exceeded",
-    "identity-mismatch",
 )
 
+# Calls refused before the round logic sees them (mutual TLS: a certificate for another site).
+KNOWN_CALL_REFUSALS = ("identity-mismatch",)
+RPCS = ("Join", "GetTask", "DownloadModel", "SubmitUpdate", "Report", "Leave")
 STATES = ("waiting", "training", "finishing", "done")
 REPORT_KINDS = ("evaluation", "final")
 EPSILON_KEY = "epsilon"
@@ -127,6 +129,12 @@ class AggregatorMetrics:
             ("study", "reason"),
             registry=r,
         )
+        self.calls_refused = Counter(
+            "fedstudy_calls_refused",
+            "Calls refused before any protocol check (e.g. a certificate for another site).",
+            ("study", "reason", "rpc"),
+            registry=r,
+        )
         self.received = Counter(
             "fedstudy_received_bytes",
             "Bytes of update streams received from the site.",
@@ -187,6 +195,9 @@ class AggregatorMetrics:
         self.last_round_time.labels(study).set_to_current_time()
         for reason in KNOWN_REFUSALS:
             self.refused.labels(study, reason)
+        for reason in KNOWN_CALL_REFUSALS:
+            for rpc in RPCS:
+                self.calls_refused.labels(study, reason, rpc)
         for site in self.sites:
             self.site_last_round.labels(study, site).set(0)
             self.accepted.labels(study, site)
@@ -237,6 +248,11 @@ class AggregatorMetrics:
 
     def update_refused(self, reason: str) -> None:
         self.refused.labels(self.study, reason or "unknown").inc()
+
+    def call_refused(self, reason: str, rpc: str) -> None:
+        self.calls_refused.labels(
+            self.study, reason or "unknown", rpc if rpc in RPCS else "other"
+        ).inc()
 
     def bytes_received(self, site: str, n: int) -> None:
         if site in self.sites and n > 0:

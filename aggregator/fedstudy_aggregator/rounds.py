@@ -603,6 +603,7 @@ class Coordinator:
         """Counts and logs a call refused at the door (before any protocol check)."""
         with self.cond:
             self.refused_calls[reason] += 1
+            self.metrics.call_refused(reason, rpc)
         event(
             self.log,
             "call-refused",

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fedstudy.spec import FederatedStudy, parse_study
 
 SITES = ["north", "south"]
-ALLOWED_LABELS = {"study", "site", "reason", "kind", "metric", "state", "le"}
+ALLOWED_LABELS = {"study", "site", "reason", "rpc", "kind", "metric", "state", "le"}
 # Base units only (seconds, bytes); no milli-/kilo- prefixes, no minutes or hours.
 BAD_UNITS = re.compile(r"_(milliseconds|microseconds|minutes|hours|kilobytes|megabytes|ms)(_|$)")
 
@@ -98,6 +98,7 @@ def exercised(metrics: AggregatorMetrics) -> AggregatorMetrics:
     metrics.update_accepted("intruder", 1)
     metrics.update_refused("replay")
     metrics.update_refused("some-new-reason")
+    metrics.call_refused("identity-mismatch", "SubmitUpdate")
     metrics.bytes_received("north", 1000)
     metrics.bytes_received("intruder", 1000)
     metrics.bytes_sent("south", 2000)
@@ -138,6 +139,11 @@ def test_the_values_published() -> None:
     assert m[("fedstudy_updates_refused_total", (("reason", "replay"),))] == 1
     assert m[("fedstudy_updates_refused_total", (("reason", "some-new-reason"),))] == 1
     assert m[("fedstudy_updates_refused_total", (("reason", "duplicate"),))] == 0
+    refused_call = (("reason", "identity-mismatch"), ("rpc", "SubmitUpdate"))
+    assert m[("fedstudy_calls_refused_total", refused_call)] == 1
+    assert (
+        m[("fedstudy_calls_refused_total", (("reason", "identity-mismatch"), ("rpc", "Join")))] == 0
+    )
     assert m[("fedstudy_received_bytes_total", (("site", "north"),))] == 1000
     assert m[("fedstudy_sent_bytes_total", (("site", "south"),))] == 2000
     assert m[("fedstudy_reports_total", (("kind", "evaluation"), ("site", "north")))] == 1
@@ -188,6 +194,7 @@ def server(tmp_path: Path) -> Iterator[AggregatorServer]:
 
 
 def test_the_aggregator_serves_linted_metrics_over_http(server: AggregatorServer) -> None:
+    server.coord.record_refused_call("identity-mismatch", "Join", "north", None, "test")
     with urllib.request.urlopen(f"http://{server.endpoint['http']}/metrics", timeout=5) as r:
         ctype = r.headers["Content-Type"]
         text = r.read().decode()
@@ -197,3 +204,7 @@ def test_the_aggregator_serves_linted_metrics_over_http(server: AggregatorServer
     assert 'fedstudy_study_state{state="waiting",study="lint"} 1.0' in text
     assert 'fedstudy_site_epsilon_budget{site="north",study="lint"} 3.0' in text
     assert 'fedstudy_sites{study="lint"} 2.0' in text
+    assert (
+        'fedstudy_calls_refused_total{reason="identity-mismatch",rpc="Join",study="lint"} 1.0'
+        in text
+    )

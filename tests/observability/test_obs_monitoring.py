@@ -77,7 +77,7 @@ def test_promtool_checks_the_rules() -> None:
         [_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, check=False
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 4 rules found" in r.stdout
+    assert "SUCCESS: 5 rules found" in r.stdout
 
 
 @pytest.mark.parametrize("case", RULE_TESTS, ids=lambda p: p.name)

@@ -273,6 +273,7 @@ def test_prometheus_scrapes_a_study_and_every_panel_has_data(
         "FedstudySiteMissingRounds",
         "FedstudyPrivacyBudgetNearlySpent",
         "FedstudyUpdatesRefused",
+        "FedstudyCallsRefused",
     }
     assert all(r["health"] == "ok" for r in rules), rules
 
