@@ -193,6 +193,7 @@ class AggregatorMetrics:
         self.rounds_planned.labels(study).set(planned_rounds)
         self.sites_planned.labels(study).set(len(self.sites))
         self.last_round_time.labels(study).set_to_current_time()
+        self.round_duration.labels(study)  # buckets at 0 from the start, not from round 1
         for reason in KNOWN_REFUSALS:
             self.refused.labels(study, reason)
         for reason in KNOWN_CALL_REFUSALS:

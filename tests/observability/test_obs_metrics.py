@@ -204,6 +204,7 @@ def test_the_aggregator_serves_linted_metrics_over_http(server: AggregatorServer
     assert 'fedstudy_study_state{state="waiting",study="lint"} 1.0' in text
     assert 'fedstudy_site_epsilon_budget{site="north",study="lint"} 3.0' in text
     assert 'fedstudy_sites{study="lint"} 2.0' in text
+    assert 'fedstudy_round_duration_seconds_count{study="lint"} 0.0' in text
     assert (
         'fedstudy_calls_refused_total{reason="identity-mismatch",rpc="Join",study="lint"} 1.0'
         in text

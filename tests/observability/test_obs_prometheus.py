@@ -4,6 +4,7 @@ evaluates without error."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,6 +74,11 @@ class Prom:
         return result
 
 
+def _scraped_once(prom: Prom) -> bool:
+    targets = prom.api("targets")["activeTargets"]
+    return any(not t.get("lastScrape", "").startswith("0001-") for t in targets)
+
+
 def _private_study(tmp_path: Path) -> Path:
     doc = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
     doc["metadata"]["name"] = STUDY
@@ -131,6 +137,11 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[Prom, int]]:
                 pass
             assert time.monotonic() < deadline, "prometheus did not get ready in 30 s"
             time.sleep(0.2)
+        # Targets are picked up a few seconds after start: wait for the first (failed)
+        # scrape of the aggregator's port, so that the whole study is scraped.
+        while not _scraped_once(Prom(base)):
+            assert time.monotonic() < deadline + 30, "prometheus never tried the target"
+            time.sleep(0.2)
         yield Prom(base), http_port
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -142,8 +153,9 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[Prom, int]]:
         log.close()
 
 
-def _run_study(tmp_path: Path, study: Path, http_port: int) -> Path:
-    """The aggregator and one trainer per site as processes; returns the output folder."""
+def _run_study(tmp_path: Path, study: Path, http_port: int) -> tuple[Path, list[str]]:
+    """The aggregator and one trainer per site as processes; returns the output folder and
+    the aggregator's command line."""
     sites = [s.name for s in load_study(study).spec.sites]
     tls = provision_tls(load_study(study), tmp_path / "tls")
     grpc_addr = f"127.0.0.1:{_free_port()}"
@@ -159,27 +171,26 @@ def _run_study(tmp_path: Path, study: Path, http_port: int) -> Path:
         procs.append(p)
         return p
 
+    agg_args = [
+        *fed,
+        "aggregator",
+        "--study",
+        str(study),
+        "--listen",
+        grpc_addr,
+        "--http",
+        f"127.0.0.1:{http_port}",
+        "--state-dir",
+        str(state / "aggregator"),
+        "--out",
+        str(out),
+        "--linger",
+        "10",
+        "--tls-dir",
+        str(tls["aggregator"]),
+    ]
     try:
-        agg = start(
-            "aggregator",
-            [
-                "aggregator",
-                "--study",
-                str(study),
-                "--listen",
-                grpc_addr,
-                "--http",
-                f"127.0.0.1:{http_port}",
-                "--state-dir",
-                str(state / "aggregator"),
-                "--out",
-                str(out),
-                "--linger",
-                "10",
-                "--tls-dir",
-                str(tls["aggregator"]),
-            ],
-        )
+        agg = start("aggregator", agg_args[len(fed) :])
         for site in sites:
             start(
                 site,
@@ -206,21 +217,33 @@ def _run_study(tmp_path: Path, study: Path, http_port: int) -> Path:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return out
+    return out, agg_args
 
 
-def _last_scrape(prom: Prom, since: float) -> float:
-    """The last moment Prometheus saw the aggregator up."""
-    data = prom.api(
-        "query_range",
-        query=f'up{{job="{JOB}"}}',
-        start=f"{since:.3f}",
-        end=f"{time.time():.3f}",
-        step="0.5",
-    )
-    ups = [float(t) for series in data["result"] for t, v in series["values"] if v == "1"]
-    assert ups, "prometheus never scraped the aggregator"
-    return max(ups)
+@contextlib.contextmanager
+def _final_state_served(prom: Prom, agg_args: list[str], log: Path) -> Iterator[None]:
+    """The finished study's aggregator started again on its state folder: it resumes the
+    done study and serves its final state until stopped (a study's aggregator exits as soon
+    as every site has heard that the study is done, sometimes before a last scrape)."""
+    with open(log, "wb") as f:
+        agg = subprocess.Popen([*agg_args, "--linger", "120"], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        done = f'fedstudy_study_state{{state="done", study="{STUDY}"}} == 1'
+        deadline = time.monotonic() + 30
+        while not prom.query(done, time.time()):
+            assert agg.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the resumed aggregator was not scraped"
+            time.sleep(0.3)
+        time.sleep(2.2)  # two more scrapes, for the rates
+        yield
+    finally:
+        agg.send_signal(signal.SIGTERM)
+        try:
+            assert agg.wait(timeout=15) == 0, log.read_text()
+        finally:
+            if agg.poll() is None:
+                agg.kill()
+                agg.wait()
 
 
 def _panel_queries() -> list[tuple[str, str]]:
@@ -240,17 +263,8 @@ def _substitute(expr: str) -> str:
     )
 
 
-def test_prometheus_scrapes_a_study_and_every_panel_has_data(
-    tmp_path: Path, prometheus: tuple[Prom, int]
-) -> None:
-    prom, http_port = prometheus
-    started = time.time()
-    out = _run_study(tmp_path, _private_study(tmp_path), http_port)
-    time.sleep(1.5)  # one more scrape interval: the failed scrape marks the end
-    at = _last_scrape(prom, started)
-
-    sel = f'{{study="{STUDY}", namespace="{NAMESPACE}"}}'
-    for name in ("fedstudy_round", "fedstudy_rounds_planned"):
+def _check_final_state(prom: Prom, sel: str, at: float) -> None:
+    for name in ("fedstudy_round", "fedstudy_rounds_completed", "fedstudy_rounds_planned"):
         result = prom.query(name + sel, at)
         assert [float(r["value"][1]) for r in result] == [ROUNDS], (name, result)
 
@@ -276,6 +290,24 @@ def test_prometheus_scrapes_a_study_and_every_panel_has_data(
         "FedstudyCallsRefused",
     }
     assert all(r["health"] == "ok" for r in rules), rules
+
+
+def test_prometheus_scrapes_a_study_and_every_panel_has_data(
+    tmp_path: Path, prometheus: tuple[Prom, int]
+) -> None:
+    prom, http_port = prometheus
+    out, agg_args = _run_study(tmp_path, _private_study(tmp_path), http_port)
+    sel = f'{{study="{STUDY}", namespace="{NAMESPACE}"}}'
+    # The running study was scraped: both sites joined, rounds went by.
+    now = time.time()
+    joined = prom.query(f"max_over_time(fedstudy_sites_joined{sel}[5m])", now)
+    assert [float(r["value"][1]) for r in joined] == [2.0]
+    scrapes = prom.query(f"count_over_time(fedstudy_round{sel}[5m])", now)
+    assert float(scrapes[0]["value"][1]) >= 3, "fewer than 3 scrapes during the study"
+
+    with _final_state_served(prom, agg_args, tmp_path / "logs" / "aggregator-resumed.log"):
+        at = time.time()
+        _check_final_state(prom, sel, at)
 
     # One summary line per round, with the global metrics of the newest evaluated model.
     events = [
