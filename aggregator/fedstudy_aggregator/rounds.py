@@ -47,6 +47,19 @@ FINISHING = "finishing"
 DONE = "done"
 
 STREAM_MARGIN_BYTES = 1 << 20
+# Refusals for what an update holds (not for when or how it came): the site's answer for the
+# round is in, and refused; the round does not wait for it, nor ask it to train again.
+CONTENT_REFUSALS = frozenset(
+    {
+        "non-finite",
+        "norm-exceeded",
+        "wrong-shape",
+        "wrong-dtype",
+        "unknown-tensor",
+        "missing-tensor",
+        "too-large",
+    }
+)
 MAX_WAIT_SECONDS = 30.0
 
 Task = pb.TaskResponse
@@ -127,6 +140,8 @@ class Coordinator:
         self.round: int | None = None
         self.opened_at = 0.0
         self.answered: set[str] = set()
+        # Sites whose update for the open round was refused for its content.
+        self.excluded: set[str] = set()
         self.round_refused: Counter[str] = Counter()
         self.init_lease: tuple[str, float] | None = None
         self.finishing_since = 0.0
@@ -318,7 +333,7 @@ class Coordinator:
                 self._open_round(self.version + 1)
         elif self.phase == TRAINING:
             joined = self._joined()
-            if self.answered and all(n in self.answered for n in joined):
+            if self.answered and all(n in self.answered or n in self.excluded for n in joined):
                 self._close_round()
         elif self.phase == FINISHING:
             joined = self._joined()
@@ -333,6 +348,7 @@ class Coordinator:
         self.round = r
         self.opened_at = self.clock()
         self.answered = set()
+        self.excluded = set()
         self.round_refused = Counter()
         self.strategy.begin_round(self.model)
         event(self.log, "round-open", round=r, sites=sorted(self._joined()), model_version=r - 1)
@@ -357,6 +373,7 @@ class Coordinator:
             "round-complete",
             round=r,
             sites=sorted(self.answered),
+            excluded=sorted(self.excluded),
             duration_s=round(self.last_round_duration, 3),
             refused=dict(self.round_refused),
             model_version=r,
@@ -365,6 +382,7 @@ class Coordinator:
             global_metrics=global_metrics,
         )
         self.answered = set()
+        self.excluded = set()
         if self.phase == FINISHING:
             event(self.log, "finishing", model_version=r, sites=sorted(self._joined()))
         self._advance()
@@ -403,7 +421,9 @@ class Coordinator:
                 and now - self.opened_at >= self.timeout
                 and len(self.answered) >= self.spec.minSites
             ):
-                stragglers = sorted(n for n in self._joined() if n not in self.answered)
+                stragglers = sorted(
+                    n for n in self._joined() if n not in self.answered | self.excluded
+                )
                 event(
                     self.log,
                     "round-timeout",
@@ -564,7 +584,7 @@ class Coordinator:
             return None
         if self.phase == TRAINING:
             assert self.round is not None
-            if site.name in self.answered:
+            if site.name in self.answered or site.name in self.excluded:
                 return None
             return Task(
                 kind=Task.TRAIN,
@@ -644,6 +664,18 @@ class Coordinator:
             self.refused[r.reason] += 1
             self.round_refused[r.reason] += 1
             self.metrics.update_refused(r.reason)
+            excluded = (
+                h is not None
+                and r.reason in CONTENT_REFUSALS
+                and self.phase == TRAINING
+                and h.round == self.round
+                and h.site in self.sites
+                and self.sites[h.site].joined
+                and h.site not in self.answered
+            )
+            if excluded:
+                assert h is not None
+                self.excluded.add(h.site)
         event(
             self.log,
             "update-refused",
@@ -653,6 +685,9 @@ class Coordinator:
             reason=r.reason,
             detail=str(r),
         )
+        if excluded:
+            with self.cond:
+                self._advance()
         return pb.UpdateReceipt(accepted=False, reason=r.reason, message=str(r))
 
     def _check_header(self, h: pb.UpdateHeader) -> tuple[list[TensorSpec], int]:
