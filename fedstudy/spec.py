@@ -297,6 +297,34 @@ class Resources(_Strict):
     memory: str | None = None
 
 
+class ServerPrivacy(_Strict):
+    """Differential privacy at the aggregator (DP-FedAvg, McMahan et al. 2018).
+
+    Each site's update (its change to the global model) is clipped to ``clipNorm``; the
+    clipped changes are summed unweighted, Gaussian noise of standard deviation
+    ``noiseMultiplier * clipNorm`` is added to the sum, and the sum is divided by the number
+    of sites in the study (a fixed denominator, so the divisor reveals nothing). Give either
+    ``noiseMultiplier`` or ``targetEpsilon`` (the noise is then calibrated so the planned
+    rounds end at that ε). The guarantee is per site (a whole hospital's contribution), and
+    is reported apart from the sites' own DP-SGD ε.
+    """
+
+    clipNorm: float = Field(gt=0, strict=False)
+    noiseMultiplier: float | None = Field(default=None, gt=0, strict=False)
+    targetEpsilon: float | None = Field(default=None, gt=0, strict=False)
+    delta: float = Field(default=1e-5, gt=0, lt=1, strict=False)
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> ServerPrivacy:
+        if (self.noiseMultiplier is None) == (self.targetEpsilon is None):
+            raise ValueError(
+                "give exactly one of 'noiseMultiplier' (the noise as a multiple of clipNorm) "
+                "or 'targetEpsilon' (the noise is calibrated for the planned rounds), got "
+                f"noiseMultiplier={self.noiseMultiplier}, targetEpsilon={self.targetEpsilon}"
+            )
+        return self
+
+
 class Site(_Strict):
     name: str
     data: SiteData
@@ -328,6 +356,7 @@ class StudySpec(_Strict):
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     governance: Governance = Field(default_factory=Governance)
     privacy: Privacy | None = None
+    serverPrivacy: ServerPrivacy | None = None
     seed: int = Field(default=0, ge=0)
     localBaseline: bool = True
     sites: list[Site] = Field(min_length=1)
@@ -346,6 +375,12 @@ class StudySpec(_Strict):
             raise _FieldProblem(
                 ("minSites",),
                 f"{self.minSites} is more than the {len(self.sites)} sites the study lists",
+            )
+        if self.serverPrivacy is not None and self.strategy.name in ("median", "trimmed-mean"):
+            raise _FieldProblem(
+                ("serverPrivacy",),
+                f"server-side DP adds noise to a mean of the sites' updates; strategy "
+                f"{self.strategy.name!r} takes no mean: use fedavg, fedprox, fedadam or fedyogi",
             )
         return self
 
@@ -377,18 +412,32 @@ class _FieldProblem(ValueError):
         super().__init__(message)
 
 
+def _plain_key(key: str) -> bool:
+    return bool(key) and all(c.isprintable() and not c.isspace() for c in key)
+
+
 def _path(loc: Iterable[str | int]) -> str:
+    """``spec.sites[0].name``; a key that is empty or holds spaces or control characters is
+    quoted (``spec['odd key']``), so a path is always one line."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
+        elif _plain_key(part):
             out += ("." if out else "") + part
+        else:
+            out += f"[{part!r}]"
     return out or "(document)"
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"<{type(value).__name__} nested too deeply to show>"
+    except ValueError:
+        # An integer with more digits than Python converts to text.
+        return f"<{type(value).__name__} too large to show>"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -428,6 +477,35 @@ def parse_study(doc: Any, source: str | None = None) -> FederatedStudy:
         raise StudyError(format_validation_error(err), source) from None
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml's safe loader, with a value its constructors cannot build (``2026-02-30``,
+    ``!!int abc``, ``!!timestamp x``) reported as a YAML error at the value's line."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, AttributeError, OverflowError) as e:
+            what = node.tag.rsplit(":", 1)[-1]
+            value = f"{_short(node.value)} " if isinstance(node, yaml.ScalarNode) else ""
+            why = f" ({e})" if isinstance(e, ValueError | OverflowError) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{value}is not a valid {what}{why}", node.start_mark
+            ) from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """`` at line L, column C: problem`` on one line."""
+    if isinstance(e, yaml.reader.ReaderError):
+        char = e.character if isinstance(e.character, int) else ord(e.character)
+        return f" at character {e.position + 1}: unacceptable character #x{char:04x}: {e.reason}"
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e)
+    return f"{where}: {' '.join(str(problem).split())}"
+
+
 def load_study(path: str | Path) -> FederatedStudy:
     """Reads and validates a study file (YAML or JSON)."""
     p = Path(path)
@@ -435,15 +513,21 @@ def load_study(path: str | Path) -> FederatedStudy:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise StudyError([f"(file): no such file: {p}"], str(p)) from None
+    except UnicodeDecodeError as e:
+        byte = e.object[e.start : e.start + 1].hex()
+        raise StudyError(
+            [f"(file): not UTF-8 text: byte 0x{byte} at offset {e.start} ({e.reason})"], str(p)
+        ) from None
     except OSError as e:
         raise StudyError([f"(file): cannot read: {e.strerror}"], str(p)) from None
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise StudyError([f"(document): not valid YAML{where}: {problem}"], str(p)) from None
+        raise StudyError([f"(document): not valid YAML{_yaml_problem(e)}"], str(p)) from None
+    except RecursionError:
+        raise StudyError(
+            ["(document): not valid YAML: nested too deeply to read"], str(p)
+        ) from None
     if len(docs) != 1:
         raise StudyError(
             [f"(document): a study file holds exactly one document, found {len(docs)}"], str(p)

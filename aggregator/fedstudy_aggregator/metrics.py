@@ -189,6 +189,13 @@ class AggregatorMetrics:
             ss,
             registry=r,
         )
+        self.server_epsilon = Gauge(
+            "fedstudy_server_epsilon",
+            "Epsilon spent by the aggregator's own differential privacy (DP-FedAvg), "
+            "after the completed rounds.",
+            s,
+            registry=r,
+        )
 
         self.rounds_planned.labels(study).set(planned_rounds)
         self.sites_planned.labels(study).set(len(self.sites))

@@ -22,7 +22,15 @@ from typing import Any
 
 from fedstudy.logs import event
 from fedstudy.spec import FederatedStudy
-from fedstudy.tensors import TensorAssembler, TensorSpec, Weights, WireError, digest, signature
+from fedstudy.tensors import (
+    TensorAssembler,
+    TensorSpec,
+    Weights,
+    WireError,
+    digest,
+    signature,
+    signature_problem,
+)
 from fedstudy.wire import aggregator_pb2 as pb
 
 from . import outputs
@@ -39,6 +47,7 @@ from .records import (
     history_from_json,
     history_to_json,
 )
+from .server_dp import ServerDP
 from .strategies import Strategy, clip_update, make_strategy, update_norm
 
 WAITING = "waiting"
@@ -120,6 +129,10 @@ class Coordinator:
         self._staging = threading.Lock()
         self.store = CheckpointStore(state_dir)
         self.strategy: Strategy = make_strategy(self.spec.strategy)
+        if self.spec.serverPrivacy is not None:
+            self.strategy.dp = ServerDP.from_spec(
+                self.spec.serverPrivacy, self.spec.rounds, len(self.spec.sites)
+            )
         self.timeout = float(self.spec.roundTimeoutSeconds)
 
         self.phase = WAITING
@@ -283,8 +296,13 @@ class Coordinator:
             outputs.write_model(self.out_dir, self.model, self.name, v)
         outputs.write_summary(self.out_dir, self.summary())
 
+    def server_privacy(self) -> dict[str, float | int] | None:
+        """Server-side DP's spend so far (ε after the completed rounds), or None."""
+        dp = self.strategy.dp
+        return None if dp is None else dp.report(self.version or 0)
+
     def summary(self) -> dict[str, Any]:
-        return outputs.build_summary(
+        out = outputs.build_summary(
             study=self.name,
             completed=self.completed,
             ended_reason=self.ended_reason,
@@ -296,6 +314,9 @@ class Coordinator:
             history=self.history,
             refused=self.refused,
         )
+        if self.strategy.dp is not None:
+            out["server_privacy"] = self.server_privacy()
+        return out
 
     def _watch_metrics(self) -> None:
         """Hands the state gauges to the metrics and publishes what a resumed state knows."""
@@ -306,6 +327,11 @@ class Coordinator:
             answered_fn=lambda: float(len(self.answered)),
             state_fn=lambda: self.phase,
         )
+        dp = self.strategy.dp
+        if dp is not None:
+            self.metrics.server_epsilon.labels(self.name).set_function(
+                lambda: dp.epsilon(self.version or 0)
+            )
         for site in self.sites.values():
             self.metrics.site_round(site.name, site.last_round)
             self.metrics.site_metrics(site.name, site.metrics)
@@ -368,6 +394,9 @@ class Coordinator:
         if r >= 2:
             self._write_outputs(final=False)
         global_version, global_metrics, _ = self.latest_global()
+        dp_fields: dict[str, Any] = {}
+        if self.strategy.dp is not None:
+            dp_fields["server_privacy"] = self.server_privacy()
         event(
             self.log,
             "round-complete",
@@ -380,6 +409,7 @@ class Coordinator:
             planned_rounds=self.spec.rounds,
             global_version=global_version,
             global_metrics=global_metrics,
+            **dp_fields,
         )
         self.answered = set()
         self.excluded = set()
@@ -451,6 +481,8 @@ class Coordinator:
                 message = f"site {req.site!r} is not listed in study {self.name!r}"
             elif not sig:
                 reason, message = "model-mismatch", "the join names no model tensors"
+            elif (problem := signature_problem(sig)) is not None:
+                reason, message = "model-mismatch", f"the model cannot be sent: {problem}"
             elif self.reference is not None:
                 diff = describe_mismatch(sig, self.reference)
                 if diff is not None:
@@ -816,6 +848,9 @@ class Coordinator:
     def _fold(self, h: pb.UpdateHeader, weights: Weights) -> None:
         if h.round > 0:
             weights = self._bound_update(h, weights)
+            dp = self.strategy.dp
+            if dp is not None and self.model is not None:
+                weights = clip_update(weights, self.model, dp.clip)
         site = self.sites[h.site]
         self.accepted_total += 1
         self.metrics.update_accepted(site.name, int(h.round))
@@ -968,6 +1003,7 @@ class Coordinator:
                 "refused_calls": dict(sorted(self.refused_calls.items())),
                 "completed": self.completed if self.phase == DONE else None,
                 "ended_reason": self.ended_reason,
+                **({"server_privacy": self.server_privacy()} if self.strategy.dp else {}),
             }
 
     def prometheus(self) -> str:

@@ -29,6 +29,8 @@ import numpy.typing as npt
 from fedstudy.spec import Strategy as StrategySpec
 from fedstudy.tensors import Array, Weights
 
+from .server_dp import ServerDP
+
 FloatArray = npt.NDArray[np.floating]
 
 DEFAULT_ETA = 0.01
@@ -136,6 +138,8 @@ class Strategy(ABC):
         self._means: dict[str, FloatArray] | None = None
         self.total_weight = 0.0
         self.accepted = 0
+        # Server-side DP: updates arrive clipped and count equally; the float means get noise.
+        self.dp: ServerDP | None = None
 
     def begin_round(self, global_weights: Weights) -> None:
         """Starts a round from ``global_weights`` (kept by reference, never changed)."""
@@ -150,7 +154,7 @@ class Strategy(ABC):
             raise RuntimeError("begin_round first")
         if num_samples <= 0:
             raise ValueError("an update needs a positive sample count")
-        w = float(num_samples)
+        w = 1.0 if self.dp is not None else float(num_samples)
         if self._means is None:
             self._means = {
                 k: np.array(weights[k], dtype=accumulator_dtype(g.dtype), copy=True)
@@ -164,11 +168,25 @@ class Strategy(ABC):
             self.total_weight = total + w
         self.accepted += 1
 
+    def mean_of(self, key: str) -> FloatArray:
+        """The round's mean of tensor ``key`` in its accumulator dtype. Under server-side DP,
+        a float tensor's mean is the global value plus the noisy sum of the (clipped) changes
+        over the study's number of sites."""
+        if self._global is None or self._means is None:
+            raise RuntimeError("no update was accepted this round")
+        mean = self._means[key]
+        g = self._global[key]
+        if self.dp is None or g.dtype.kind != "f":
+            return mean
+        current = g.astype(mean.dtype)
+        change_sum = (mean - current) * self.accepted
+        return np.asarray(current + self.dp.noisy_change(change_sum), dtype=mean.dtype)
+
     def average(self) -> Weights:
         """The weighted mean of the round's updates, in the model's dtypes."""
         if self._global is None or self._means is None:
             raise RuntimeError("no update was accepted this round")
-        return {k: finish_mean(self._means[k], g.dtype) for k, g in self._global.items()}
+        return {k: finish_mean(self.mean_of(k), g.dtype) for k, g in self._global.items()}
 
     @abstractmethod
     def aggregate(self) -> Weights:
@@ -228,7 +246,7 @@ class _ServerOptimizer(Strategy):
             raise RuntimeError("no update was accepted this round")
         out: Weights = {}
         for k, g in self._global.items():
-            mean = self._means[k]
+            mean = self.mean_of(k)
             if g.dtype.kind != "f":
                 out[k] = finish_mean(mean, g.dtype)
                 continue
