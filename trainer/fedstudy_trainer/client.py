@@ -155,7 +155,7 @@ class SiteTrainer:
         self.log = logger
         self.wait_seconds = wait_seconds
         self.backoff = backoff or Backoff(connect_timeout)
-        self.model = build_model(self.spec.model, data.n_features, self.spec.seed)
+        self.model = build_model(self.spec.model, data.input_shape, self.spec.seed)
         self.initial_weights = get_weights(self.model)
         self.signature = signature(self.initial_weights)
         self.state: dict[str, Any] = self._load_state()

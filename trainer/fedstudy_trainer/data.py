@@ -75,6 +75,12 @@ class SiteDataset:
         return len(self.feature_names)
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example: ``(features,)`` for a table; more axes for sequences or
+        images."""
+        return tuple(int(d) for d in self.X_train.shape[1:])
+
+    @property
     def n_train(self) -> int:
         return int(self.X_train.shape[0])
 

@@ -49,15 +49,22 @@ class MLP(nn.Module):
         return out.squeeze(-1)
 
 
-def build_model(model: Model, n_features: int, seed: int = 0) -> nn.Module:
-    """The study's model with its initial weights drawn from ``seed`` (the study's seed).
+def build_model(model: Model, shape: int | tuple[int, ...], seed: int = 0) -> nn.Module:
+    """The study's model for examples of ``shape`` (a table's feature count, or a dataset's
+    ``input_shape``), with its initial weights drawn from ``seed`` (the study's seed).
 
     The global random state is left as it was: the draw happens in a forked generator.
     """
-    if n_features < 1:
-        raise ValueError(f"a model needs at least one feature, got {n_features}")
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not dims or any(d < 1 for d in dims):
+        raise ValueError(f"a model needs examples of a positive shape, got {dims}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if len(dims) != 1:
+            raise ValueError(
+                f"model {model.name} takes a table's rows, not examples of shape {dims}"
+            )
+        n_features = dims[0]
         if model.name == "logistic-regression":
             return LogisticRegression(n_features)
         return MLP(n_features, list(model.hidden), model.dropout)

@@ -59,9 +59,9 @@ def fedavg(
     """
     n_rounds = spec.rounds if rounds is None else rounds
     mu = spec.strategy.proximal_mu if proximal_mu is None else proximal_mu
-    sizes = {d.n_features for d in datasets.values()}
+    sizes = {d.input_shape for d in datasets.values()}
     if len(sizes) != 1:
-        raise ValueError(f"sites disagree on the number of features: {sorted(sizes)}")
+        raise ValueError(f"sites disagree on the shape of an example: {sorted(sizes)}")
     model = build_model(spec.model, sizes.pop(), spec.seed)
     global_weights = get_weights(model)
     losses: dict[str, list[float]] = {site: [] for site in datasets}

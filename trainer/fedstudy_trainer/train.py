@@ -132,7 +132,7 @@ def evaluate(model: nn.Module, x: FloatArray, y: FloatArray) -> dict[str, float]
 
 def local_baseline(spec: StudySpec, site: str, data: SiteDataset) -> dict[str, float]:
     """The site's local-only model: same model and seed, ``rounds * localSteps`` steps here."""
-    model = build_model(spec.model, data.n_features, spec.seed)
+    model = build_model(spec.model, data.input_shape, spec.seed)
     train_local(
         model,
         data.X_train,
