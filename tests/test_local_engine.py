@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,9 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from safetensors.numpy import load_file
-
-from fedstudy.local import provision_tls
-from fedstudy.spec import load_study
+from studyprocs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -36,10 +32,6 @@ def fedstudy(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
         timeout=timeout,
         check=False,
     )
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def small_study(tmp_path: Path, **spec_changes: Any) -> Path:
@@ -212,110 +204,3 @@ def test_ctrl_c_leaves_no_process_behind(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert _wait_gone(str(out)) == []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _status(http: str) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(f"http://{http}/status", timeout=2) as r:
-            data: dict[str, Any] = json.load(r)
-            return data
-    except OSError:
-        return None
-
-
-def test_aggregator_killed_mid_study_resumes_without_counting_a_round_twice(
-    tmp_path: Path,
-) -> None:
-    rounds = 8
-    study = small_study(tmp_path, rounds=rounds)
-    doc = yaml.safe_load(study.read_text())
-    sites = [s["name"] for s in doc["spec"]["sites"]]
-    grpc_addr = f"127.0.0.1:{_free_port()}"
-    http_addr = f"127.0.0.1:{_free_port()}"
-    state = tmp_path / "state"
-    out = tmp_path / "out"
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    tls = provision_tls(load_study(study), tmp_path / "tls")
-    agg_args = [
-        sys.executable,
-        "-m",
-        "fedstudy",
-        "aggregator",
-        "--study",
-        str(study),
-        "--listen",
-        grpc_addr,
-        "--http",
-        http_addr,
-        "--state-dir",
-        str(state / "agg"),
-        "--out",
-        str(out),
-        "--linger",
-        "10",
-        "--tls-dir",
-        str(tls["aggregator"]),
-    ]
-
-    def start_aggregator(n: int) -> subprocess.Popen[bytes]:
-        log = open(logs / f"aggregator-{n}.log", "wb")  # noqa: SIM115
-        return subprocess.Popen(agg_args, stdout=log, stderr=subprocess.STDOUT)
-
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        agg = start_aggregator(0)
-        for site in sites:
-            log = open(logs / f"{site}.log", "wb")  # noqa: SIM115
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "fedstudy",
-                        "trainer",
-                        "--study",
-                        str(study),
-                        "--site",
-                        site,
-                        "--aggregator",
-                        grpc_addr,
-                        "--state-dir",
-                        str(state / site),
-                        "--tls-dir",
-                        str(tls[site]),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        deadline = time.monotonic() + 240
-        # Kill it twice: once after round 2 completes, once after round 5.
-        for kills, kill_after in enumerate((2, 5), start=1):
-            while time.monotonic() < deadline:
-                s = _status(http_addr)
-                if s is not None and s["completed_rounds"] >= kill_after:
-                    break
-                time.sleep(0.05)
-            agg.send_signal(signal.SIGKILL)
-            agg.wait()
-            time.sleep(0.5)
-            agg = start_aggregator(kills)
-        assert agg.wait(timeout=max(1.0, deadline - time.monotonic())) == 0
-        for p in procs:
-            assert p.wait(timeout=30) == 0
-    finally:
-        for p in [*procs, agg]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    check_outputs(out, rounds, sites)
-    resumed = (logs / "aggregator-2.log").read_text()
-    assert "resumed" in resumed
