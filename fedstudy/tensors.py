@@ -9,6 +9,7 @@ arrays in place, so a receiver never holds more than the tensors themselves.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -20,6 +21,10 @@ from fedstudy.wire import aggregator_pb2, tensors_pb2
 DEFAULT_CHUNK_BYTES = 1 << 20
 
 ALLOWED_DTYPES = ("float32", "float64", "float16", "int64", "int32", "uint8", "bool")
+# The most dimensions a tensor may have (numpy 1.x's limit; numpy 2 allows 64).
+MAX_DIMS = 32
+# The most bytes one array can address.
+MAX_ARRAY_BYTES = int(np.iinfo(np.intp).max)
 
 Array = npt.NDArray[np.generic]
 Weights = dict[str, Array]
@@ -41,7 +46,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
     def to_proto(self) -> aggregator_pb2.TensorSpec:
         return aggregator_pb2.TensorSpec(name=self.name, dtype=self.dtype, shape=self.shape)
@@ -52,6 +57,42 @@ class TensorSpec:
 
     def describe(self) -> str:
         return f"{self.name} {self.dtype}{list(self.shape)}"
+
+
+def check_spec(spec: TensorSpec) -> None:
+    """Raises ``WireError`` when no array can hold such a tensor: an unsupported dtype, too
+    many dimensions, a negative one, or more bytes than an array can address."""
+    if spec.dtype not in ALLOWED_DTYPES:
+        raise WireError("wrong-dtype", f"tensor {spec.name}: unsupported dtype {spec.dtype!r}")
+    shape = list(spec.shape)
+    if len(shape) > MAX_DIMS:
+        raise WireError(
+            "wrong-shape", f"tensor {spec.name}: {len(shape)} dimensions, at most {MAX_DIMS}"
+        )
+    if any(d < 0 for d in shape):
+        raise WireError("wrong-shape", f"tensor {spec.name}: negative dimension in {shape}")
+    # numpy refuses a shape whose non-zero dimensions overflow, even when another is 0.
+    if math.prod(d for d in shape if d) * np.dtype(spec.dtype).itemsize > MAX_ARRAY_BYTES:
+        raise WireError(
+            "too-large",
+            f"tensor {spec.name}: shape {shape} of {spec.dtype} is more than an array can hold",
+        )
+
+
+def signature_problem(specs: Iterable[TensorSpec]) -> str | None:
+    """Why no stream could carry a model of this signature, or None when one can."""
+    seen: set[str] = set()
+    for spec in specs:
+        if not spec.name:
+            return "a tensor without a name"
+        if spec.name in seen:
+            return f"tensor {spec.name} is listed twice"
+        seen.add(spec.name)
+        try:
+            check_spec(spec)
+        except WireError as e:
+            return str(e)
+    return None
 
 
 def signature(weights: Mapping[str, Array]) -> list[TensorSpec]:
@@ -165,12 +206,9 @@ class TensorAssembler:
             raise WireError("bad-stream", "a tensor without a name")
         if name in self.weights:
             raise WireError("bad-stream", f"tensor {name} sent twice")
-        if chunk.dtype not in ALLOWED_DTYPES:
-            raise WireError("wrong-dtype", f"tensor {name}: unsupported dtype {chunk.dtype!r}")
         shape = tuple(int(d) for d in chunk.shape)
-        if any(d < 0 for d in shape):
-            raise WireError("wrong-shape", f"tensor {name}: negative dimension in {list(shape)}")
         spec = TensorSpec(name, chunk.dtype, shape)
+        check_spec(spec)
         if self.expected is not None:
             want = self.expected.get(name)
             if want is None:
@@ -196,7 +234,12 @@ class TensorAssembler:
                 f"tensor {name} ({spec.nbytes} bytes) would pass the "
                 f"stream's bound of {self.max_bytes} bytes",
             )
-        arr = np.empty(shape, dtype=np.dtype(spec.dtype).newbyteorder("<"))
+        try:
+            arr = np.empty(shape, dtype=np.dtype(spec.dtype).newbyteorder("<"))
+        except MemoryError:
+            raise WireError(
+                "too-large", f"tensor {name} ({spec.nbytes} bytes) does not fit in memory"
+            ) from None
         self.weights[name] = arr
         self._current = name
         self._buf = arr.reshape(-1).view(np.uint8).data

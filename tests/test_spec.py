@@ -302,3 +302,74 @@ def test_validate_command_reports_and_exits_non_zero(tmp_path: Path) -> None:
     )
     assert good.returncode == 0, good.stderr
     assert "valid: study breast-cancer" in good.stdout
+
+
+def _load_problems(tmp_path: Path, content: str | bytes) -> list[str]:
+    p = tmp_path / "s.yaml"
+    if isinstance(content, bytes):
+        p.write_bytes(content)
+    else:
+        p.write_text(content, encoding="utf-8")
+    with pytest.raises(StudyError) as info:
+        load_study(p)
+    return info.value.problems
+
+
+def test_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    problems = _load_problems(tmp_path, b"apiVersion: fedstudy.io/v1alpha1\nkind: \xff\n")
+    assert problems == ["(file): not UTF-8 text: byte 0xff at offset 39 (invalid start byte)"]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2026-02-30", "'2026-02-30' is not a valid timestamp (day is out of range for month)"),
+        ("!!int x", "'x' is not a valid int (invalid literal for int() with base 10: 'x')"),
+        ("!!timestamp x", "'x' is not a valid timestamp"),
+    ],
+)
+def test_yaml_value_that_cannot_be_read_names_its_line(
+    tmp_path: Path, value: str, expected: str
+) -> None:
+    text = yaml.safe_dump(BASE).replace("rounds: 15", f"rounds: {value}")
+    line = text.splitlines().index(f"  rounds: {value}") + 1
+    problems = _load_problems(tmp_path, text)
+    assert problems == [f"(document): not valid YAML at line {line}, column 11: {expected}"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 3000, "{a: " * 3000, "".join("  " * i + "- \n" for i in range(3000))],
+    ids=["flow-sequences", "flow-mappings", "block-sequences"],
+)
+def test_yaml_nested_too_deeply_is_refused(tmp_path: Path, text: str) -> None:
+    problems = _load_problems(tmp_path, text)
+    assert problems == ["(document): not valid YAML: nested too deeply to read"]
+
+
+def test_control_character_in_yaml_is_reported_on_one_line(tmp_path: Path) -> None:
+    problems = _load_problems(tmp_path, "apiVersion: a\x07b\n")
+    assert problems == [
+        "(document): not valid YAML at character 14: unacceptable character #x0007: "
+        "special characters are not allowed"
+    ]
+
+
+def test_odd_key_is_quoted_so_each_problem_is_one_line() -> None:
+    problems = _problems(_with("spec.task.a\nb", 1))
+    assert "spec.task['a\\nb']: unknown field (value 1)" in problems
+    problems = _problems(_with("spec. ", 1))
+    assert "spec[' ']: unknown field (value 1)" in problems
+
+
+def test_value_too_deep_or_too_large_to_print_is_still_reported(tmp_path: Path) -> None:
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    problems = _problems(_with("spec.rounds", deep))
+    assert problems == [
+        "spec.rounds: Input should be a valid integer, got <list nested too deeply to show>"
+    ]
+    # YAML reads hexadecimal integers of any length; Python will not print them in decimal.
+    text = yaml.safe_dump(BASE) + "huge: 0x" + "f" * 5000 + "\n"
+    assert _load_problems(tmp_path, text) == ["huge: unknown field (value <int too large to show>)"]

@@ -17,6 +17,7 @@ from fedstudy.tensors import (
     digest,
     from_chunks,
     signature,
+    signature_problem,
     to_chunks,
 )
 from fedstudy.wire import tensors_pb2
@@ -113,3 +114,50 @@ def test_assembler_counts_bytes() -> None:
         asm.add(c)
     asm.finish()
     assert asm.received_bytes == sum(v.nbytes for v in model.values())
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [[2**32, 2**32], [2**62, 4], [0, 2**62], [2**40, 2**40, 0]],
+    ids=["overflows-int64", "wraps-to-zero", "zero-and-huge", "huge-and-zero"],
+)
+def test_shape_larger_than_any_array_is_refused(shape: list[int]) -> None:
+    # The product of these dimensions overflows 64 bits; it must not wrap to a small size.
+    chunk = tensors_pb2.TensorChunk(name="x", dtype="float32", shape=shape, total_bytes=0)
+    with pytest.raises(WireError) as info:
+        from_chunks([chunk], max_bytes=1 << 20)
+    assert info.value.reason == "too-large"
+    assert str(info.value) == f"tensor x: shape {shape} of float32 is more than an array can hold"
+
+
+def test_too_many_dimensions_are_refused() -> None:
+    chunk = tensors_pb2.TensorChunk(
+        name="x", dtype="uint8", shape=[1] * 65, total_bytes=1, data=b"\0"
+    )
+    with pytest.raises(WireError) as info:
+        from_chunks([chunk])
+    assert info.value.reason == "wrong-shape"
+    assert str(info.value) == "tensor x: 65 dimensions, at most 32"
+
+
+def test_tensor_that_cannot_be_allocated_is_refused_without_a_bound() -> None:
+    # 4 EiB: more than any address space, so the allocation fails on every machine.
+    chunk = tensors_pb2.TensorChunk(name="x", dtype="uint8", shape=[2**62], total_bytes=2**62)
+    with pytest.raises(WireError) as info:
+        from_chunks([chunk])
+    assert info.value.reason == "too-large"
+    assert str(info.value) == f"tensor x ({2**62} bytes) does not fit in memory"
+
+
+def test_signature_problem_names_what_no_stream_can_carry() -> None:
+    assert signature_problem(signature(_model())) is None
+    assert signature_problem([TensorSpec("", "float32", (1,))]) == "a tensor without a name"
+    twice = [TensorSpec("a", "float32", (1,)), TensorSpec("a", "float32", (2,))]
+    assert signature_problem(twice) == "tensor a is listed twice"
+    assert signature_problem([TensorSpec("a", "garbage", (1,))]) == (
+        "tensor a: unsupported dtype 'garbage'"
+    )
+    assert signature_problem([TensorSpec("a", "int64", (3, -1))]) == (
+        "tensor a: negative dimension in [3, -1]"
+    )
+    assert TensorSpec("a", "float32", (2**32, 2**32)).nbytes == 2**66

@@ -41,6 +41,35 @@ def test_join_refusals(start: StartFn) -> None:
     assert agg.coord.status()["joined"] == ["s0"]
 
 
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        (pb.TensorSpec(name="w", dtype="garbage", shape=[2]), "unsupported dtype 'garbage'"),
+        (
+            pb.TensorSpec(name="w", dtype="float32", shape=[2**32, 2**32]),
+            "shape [4294967296, 4294967296] of float32 is more than an array can hold",
+        ),
+        (pb.TensorSpec(name="", dtype="float32", shape=[2]), "a tensor without a name"),
+    ],
+    ids=["unknown-dtype", "overflowing-shape", "no-name"],
+)
+def test_join_with_a_model_no_stream_can_carry_is_refused(
+    start: StartFn, spec: pb.TensorSpec, why: str
+) -> None:
+    # The first join sets the study's model: such a model could never arrive (its initial
+    # model would fail inside the aggregator) and every other site's join would mismatch.
+    agg = start(make_study(sites=2))
+    req = pb.JoinRequest(study=STUDY, site="s0", train_samples=10, test_samples=5, model=[spec])
+    r = agg.stub.Join(req, timeout=5)
+    assert (r.accepted, r.reason) == (False, "model-mismatch")
+    assert why in r.message
+    a = agg.site("s0")
+    assert a.join().accepted
+    assert agg.site("s1").join().accepted
+    assert a.task().kind == T.INIT
+    assert a.submit(model(0), 0).accepted
+
+
 def test_init_lease_goes_to_one_site_at_a_time(start: StartFn) -> None:
     agg = start(make_study(sites=2, roundTimeoutSeconds=0.3))
     a, b = agg.site("s0"), agg.site("s1")
