@@ -348,7 +348,7 @@ class Governance(_Strict):
 class StudySpec(_Strict):
     task: Task
     model: Model
-    rounds: PositiveInt
+    rounds: PositiveInt = Field(le=1_000_000)
     minSites: PositiveInt = 1
     roundTimeoutSeconds: float = Field(default=600.0, gt=0, strict=False)
     strategy: Strategy = Field(default_factory=Strategy)

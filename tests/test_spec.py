@@ -99,6 +99,11 @@ MALFORMED = [
         id="rounds-zero",
     ),
     pytest.param(
+        _with("spec.rounds", 10**12),
+        "spec.rounds: Input should be less than or equal to 1000000, got 1000000000000",
+        id="rounds-beyond-the-wire",
+    ),
+    pytest.param(
         _with("spec.rounds", "ten"),
         "spec.rounds: Input should be a valid integer, got 'ten'",
         id="rounds-string",
