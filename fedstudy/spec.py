@@ -85,10 +85,24 @@ class Task(_Strict):
     binarize: Binarize | None = None
 
 
+# Models that read images (examples of shape (channels, height, width)).
+IMAGE_MODELS = ("cnn", "densenet121")
+
+
 class Model(_Strict):
-    name: Literal["logistic-regression", "mlp"]
+    """The study's model.
+
+    ``cnn`` is a small convolutional network: one block (3x3 convolution, normalisation, ReLU,
+    2x2 max-pooling) per entry of ``channels``, then global average pooling and a linear layer.
+    ``densenet121`` is MONAI's 2-D DenseNet-121. ``norm`` is their normalisation layer:
+    ``auto`` is GroupNorm under DP-SGD (``spec.privacy``) and BatchNorm otherwise.
+    """
+
+    name: Literal["logistic-regression", "mlp", "cnn", "densenet121"]
     hidden: list[PositiveInt] = Field(default_factory=list)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, strict=False)
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=list)
+    norm: Literal["auto", "batch", "group", "none"] = "auto"
 
     @model_validator(mode="after")
     def _hidden(self) -> Model:
@@ -99,6 +113,30 @@ class Model(_Strict):
                 f"logistic-regression has no hidden layers; remove 'hidden' ({self.hidden}) "
                 "or use name: mlp"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _image_fields(self) -> Model:
+        image = self.name in IMAGE_MODELS
+        if image and self.hidden:
+            raise ValueError(
+                f"{self.name} has no 'hidden' layer sizes ({self.hidden}); "
+                + ("size its blocks with 'channels'" if self.name == "cnn" else "remove them")
+            )
+        if self.name == "cnn" and not self.channels:
+            raise ValueError(
+                "a cnn needs the output channels of each convolution block in 'channels', "
+                "e.g. [16, 32]"
+            )
+        if self.name != "cnn" and self.channels:
+            raise ValueError(f"'channels' sizes the blocks of a cnn; {self.name} does not use it")
+        if not image and self.norm != "auto":
+            raise ValueError(
+                f"'norm' chooses the normalisation layers of {' and '.join(IMAGE_MODELS)}; "
+                f"{self.name} has none"
+            )
+        if self.name == "densenet121" and self.norm == "none":
+            raise ValueError("densenet121 needs a normalisation layer: use norm batch or group")
         return self
 
 
@@ -157,6 +195,9 @@ class Training(_Strict):
     learningRate: PositiveFloat = Field(default=0.01, strict=False)
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0, strict=False)
     weightDecay: float = Field(default=0.0, ge=0.0, strict=False)
+    # Mixed precision (torch.autocast) where a site trains on a CUDA device; full precision
+    # on a CPU.
+    mixedPrecision: bool = False
 
 
 class Privacy(_Strict):
@@ -215,6 +256,47 @@ class Privacy(_Strict):
         return v
 
 
+class Window(_Strict):
+    """A DICOM VOI window (in the values after the rescale slope and intercept, e.g. HU)."""
+
+    center: float = Field(strict=False)
+    width: float = Field(ge=1.0, strict=False)
+
+
+class Augment(_Strict):
+    """Random changes to each training image, drawn anew at every step (never at evaluation).
+
+    ``flip``: a left-right flip with probability 0.5; ``rotateDegrees``: a rotation drawn
+    from ±that many degrees; ``shift``: a translation of up to that fraction of the height and
+    width; ``zoom``: a scaling drawn from [1 - zoom, 1 + zoom].
+    """
+
+    flip: bool = False
+    rotateDegrees: float = Field(default=0.0, ge=0.0, le=180.0, strict=False)
+    shift: float = Field(default=0.0, ge=0.0, le=0.5, strict=False)
+    zoom: float = Field(default=0.0, ge=0.0, lt=1.0, strict=False)
+
+
+class ImagePreprocessing(_Strict):
+    """How every site turns its images into arrays of shape (channels, height, width).
+
+    ``size`` [height, width] resizes every image; without it every image of a site must
+    already have the same size. ``intensity``: ``fixed`` maps the pixel range to [0, 1]
+    (8-bit 0-255, 16-bit 0-65535; a DICOM image's window); ``minmax`` maps each image's own
+    range to [0, 1]; ``zscore`` gives each image mean 0 and standard deviation 1 (after
+    ``fixed``). ``window`` overrides the window of DICOM files (which otherwise use their
+    own WindowCenter/WindowWidth, or their pixel range).
+    """
+
+    size: list[Annotated[int, Field(ge=1, le=8192)]] | None = Field(
+        default=None, min_length=2, max_length=2
+    )
+    channels: Literal[1, 3] = 1
+    intensity: Literal["fixed", "minmax", "zscore"] = "fixed"
+    window: Window | None = None
+    augment: Augment | None = None
+
+
 class Preprocessing(_Strict):
     """How every site turns its table into features; the same at each site, so models align.
 
@@ -232,6 +314,7 @@ class Preprocessing(_Strict):
     testFraction: float = Field(default=0.25, gt=0.0, lt=1.0, strict=False)
     splitSeed: int = Field(default=0, ge=0)
     stratify: bool = True
+    image: ImagePreprocessing | None = None
 
     @field_validator("categorical")
     @classmethod
@@ -244,7 +327,10 @@ class Preprocessing(_Strict):
         return v
 
 
-BUILTIN_DATASETS = ("breast-cancer",)
+BUILTIN_DATASETS = ("breast-cancer", "digits")
+# Data that are images: formats reading a folder, and built-in image datasets.
+IMAGE_FORMATS = ("images", "dicom")
+IMAGE_DATASETS = ("digits",)
 
 
 class Partition(_Strict):
@@ -266,11 +352,20 @@ class Partition(_Strict):
 
 
 class SiteData(_Strict):
-    format: Literal["csv", "parquet", "builtin"]
+    """Where a site's data is. ``images`` and ``dicom`` read a folder (``path``) and a labels
+    CSV (``labels``, relative to the folder, ``labels.csv`` by default) with one row per
+    image: its file (column ``fileColumn``, relative to the folder) and its label (the
+    column ``task.label``). ``skipBadFiles`` skips (and counts) an image that cannot be used
+    instead of stopping with an error."""
+
+    format: Literal["csv", "parquet", "builtin", "images", "dicom"]
     path: str | None = None
     header: bool = True
-    dataset: Literal["breast-cancer"] | None = None
+    dataset: Literal["breast-cancer", "digits"] | None = None
     partition: Partition | None = None
+    labels: str | None = Field(default=None, min_length=1)
+    fileColumn: str = Field(default="file", min_length=1)
+    skipBadFiles: bool = False
 
     @model_validator(mode="after")
     def _source(self) -> SiteData:
@@ -290,11 +385,65 @@ class SiteData(_Strict):
                 raise ValueError("parquet files always name their columns; remove 'header'")
         return self
 
+    @model_validator(mode="after")
+    def _image_source(self) -> SiteData:
+        if self.format in IMAGE_FORMATS:
+            if "header" in self.model_fields_set:
+                raise ValueError(
+                    f"'header' belongs to format csv; the labels CSV of format {self.format} "
+                    "always has a header row"
+                )
+            return self
+        for field in ("labels", "fileColumn", "skipBadFiles"):
+            if field in self.model_fields_set:
+                raise ValueError(
+                    f"'{field}' belongs to formats {' and '.join(IMAGE_FORMATS)}; "
+                    f"format {self.format} does not use it"
+                )
+        return self
+
+    @property
+    def is_image(self) -> bool:
+        return self.format in IMAGE_FORMATS or (
+            self.format == "builtin" and self.dataset in IMAGE_DATASETS
+        )
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]{1,3})?)$")
+
 
 class Resources(_Strict):
+    """What a site's trainer runs on. ``gpu``, ``cpu`` and ``memory`` are the pod's requests
+    on Kubernetes. ``device`` is the torch device the trainer trains on: ``auto`` (the first
+    CUDA device when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+
     gpu: int = Field(default=0, ge=0)
     cpu: str | None = None
     memory: str | None = None
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N (N a number), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _device_and_gpus(self) -> Resources:
+        if self.gpu and self.device == "cpu":
+            raise _FieldProblem(
+                ("device",),
+                f"device cpu would leave the {self.gpu} GPU(s) requested in 'gpu' unused; "
+                "use device auto or cuda, or remove 'gpu'",
+            )
+        if self.gpu and self.device.startswith("cuda:") and int(self.device[5:]) >= self.gpu:
+            raise _FieldProblem(
+                ("device",),
+                f"{self.device} is not among the GPUs the pod gets: gpu {self.gpu} gives "
+                + ("cuda:0" if self.gpu == 1 else f"cuda:0 to cuda:{self.gpu - 1}"),
+            )
+        return self
 
 
 class ServerPrivacy(_Strict):
@@ -376,6 +525,7 @@ class StudySpec(_Strict):
                 ("minSites",),
                 f"{self.minSites} is more than the {len(self.sites)} sites the study lists",
             )
+        _check_image_study(self)
         if self.serverPrivacy is not None and self.strategy.name in ("median", "trimmed-mean"):
             raise _FieldProblem(
                 ("serverPrivacy",),
@@ -389,6 +539,52 @@ class StudySpec(_Strict):
             if s.name == name:
                 return s
         raise KeyError(name)
+
+
+def _check_image_study(spec: StudySpec) -> None:
+    """Image models read image sites, and image settings need image sites."""
+    model = spec.model
+    image_model = model.name in IMAGE_MODELS
+    for i, site in enumerate(spec.sites):
+        if site.data.is_image != image_model:
+            builtin = site.data.format == "builtin"
+            field = "dataset" if builtin else "format"
+            if image_model:
+                what = f"built-in dataset {site.data.dataset}" if builtin else site.data.format
+                message = (
+                    f"model {model.name} reads images, but {what} is a table; use format "
+                    f"{' or '.join(IMAGE_FORMATS)}, or a built-in image dataset "
+                    f"({', '.join(IMAGE_DATASETS)})"
+                )
+            else:
+                message = (
+                    f"this site's data are images; model {model.name} reads tables: use one "
+                    f"of {', '.join(IMAGE_MODELS)}"
+                )
+            raise _FieldProblem(("sites", i, "data", field), message)
+    pre = spec.preprocessing
+    if image_model:
+        for name in ("columns", "naValues", "drop", "categorical"):
+            if getattr(pre, name):
+                raise _FieldProblem(
+                    ("preprocessing", name), "applies to tables; this study reads images"
+                )
+        if model.norm == "batch" and spec.privacy is not None:
+            raise _FieldProblem(
+                ("model", "norm"),
+                "BatchNorm mixes the rows of a batch, so DP-SGD (spec.privacy) cannot bound "
+                "one row's influence; use norm group (or auto, which picks it under DP)",
+            )
+    elif pre.image is not None:
+        raise _FieldProblem(
+            ("preprocessing", "image"), "applies to images; this study reads tables"
+        )
+    dicom = any(s.data.format == "dicom" for s in spec.sites)
+    if pre.image is not None and pre.image.window is not None and not dicom:
+        raise _FieldProblem(
+            ("preprocessing", "image", "window"),
+            "a window applies to DICOM files; no site has format dicom",
+        )
 
 
 class FederatedStudy(_Strict):
@@ -543,6 +739,16 @@ def resolve_data_path(site: Site, base_dir: Path) -> Path | None:
     return p if p.is_absolute() else (base_dir / p)
 
 
+def resolve_labels_path(site: Site, base_dir: Path) -> Path | None:
+    """The labels CSV of an image site: ``labels`` (``labels.csv`` by default), a relative
+    path taken from the site's image folder."""
+    folder = resolve_data_path(site, base_dir)
+    if folder is None or site.data.format not in IMAGE_FORMATS:
+        return None
+    p = Path(site.data.labels or "labels.csv").expanduser()
+    return p if p.is_absolute() else (folder / p)
+
+
 def check_local_files(
     study: FederatedStudy, base_dir: Path, sites: Iterable[str] | None = None
 ) -> None:
@@ -554,6 +760,16 @@ def check_local_files(
             continue
         p = resolve_data_path(site, base_dir)
         if p is None:
+            continue
+        labels = resolve_labels_path(site, base_dir)
+        if labels is not None:
+            if not p.is_dir():
+                what = "no such folder" if not p.exists() else "not a folder"
+                problems.append(f"spec.sites[{i}].data.path: {what}: {p}")
+            elif not labels.is_file():
+                what = "no such file" if not labels.exists() else "not a regular file"
+                field = "labels" if site.data.labels else "labels (default labels.csv)"
+                problems.append(f"spec.sites[{i}].data.{field}: {what}: {labels}")
             continue
         if not p.exists():
             problems.append(f"spec.sites[{i}].data.path: no such file: {p}")
