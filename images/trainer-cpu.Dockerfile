@@ -13,7 +13,7 @@ COPY trainer/ trainer/
 COPY operator/ operator/
 RUN python -m venv /opt/fedstudy \
  && /opt/fedstudy/bin/pip install -c constraints.txt --index-url https://download.pytorch.org/whl/cpu torch \
- && /opt/fedstudy/bin/pip install -c constraints.txt ".[trainer]" opacus \
+ && /opt/fedstudy/bin/pip install -c constraints.txt ".[trainer,imaging]" opacus \
  && /opt/fedstudy/bin/fedstudy --version
 
 FROM ${PYTHON_IMAGE}
