@@ -388,14 +388,15 @@ class SiteData(_Strict):
     @model_validator(mode="after")
     def _image_source(self) -> SiteData:
         if self.format in IMAGE_FORMATS:
-            if "header" in self.model_fields_set:
+            if not self.header:
                 raise ValueError(
                     f"'header' belongs to format csv; the labels CSV of format {self.format} "
                     "always has a header row"
                 )
             return self
-        for field in ("labels", "fileColumn", "skipBadFiles"):
-            if field in self.model_fields_set:
+        defaults = {"labels": None, "fileColumn": "file", "skipBadFiles": False}
+        for field, default in defaults.items():
+            if getattr(self, field) != default:
                 raise ValueError(
                     f"'{field}' belongs to formats {' and '.join(IMAGE_FORMATS)}; "
                     f"format {self.format} does not use it"

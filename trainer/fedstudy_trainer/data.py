@@ -99,6 +99,10 @@ def load_site_data(study: FederatedStudy, site_name: str, base_dir: Path) -> Sit
         raise DataError(
             f"site {site_name!r} is not in study {study.name} (sites: {names})"
         ) from None
+    if site.data.is_image:
+        from fedstudy_trainer.imaging import load_image_site
+
+        return load_image_site(spec, site, base_dir)
     table, source = read_site_table(spec, site, base_dir)
     return preprocess(table, spec.preprocessing, spec.task, source)
 

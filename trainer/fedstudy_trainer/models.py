@@ -14,7 +14,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from fedstudy.spec import Model
+from fedstudy.spec import IMAGE_MODELS, Model, StudySpec
+from fedstudy_trainer.cnn import build_image_model
 
 Weights = dict[str, npt.NDArray[np.float32]]
 
@@ -49,9 +50,12 @@ class MLP(nn.Module):
         return out.squeeze(-1)
 
 
-def build_model(model: Model, shape: int | tuple[int, ...], seed: int = 0) -> nn.Module:
+def build_model(
+    model: Model, shape: int | tuple[int, ...], seed: int = 0, *, private: bool = False
+) -> nn.Module:
     """The study's model for examples of ``shape`` (a table's feature count, or a dataset's
     ``input_shape``), with its initial weights drawn from ``seed`` (the study's seed).
+    ``private``: the study trains with DP-SGD (image models then take GroupNorm).
 
     The global random state is left as it was: the draw happens in a forked generator.
     """
@@ -60,6 +64,8 @@ def build_model(model: Model, shape: int | tuple[int, ...], seed: int = 0) -> nn
         raise ValueError(f"a model needs examples of a positive shape, got {dims}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if model.name in IMAGE_MODELS:
+            return build_image_model(model, dims, private)
         if len(dims) != 1:
             raise ValueError(
                 f"model {model.name} takes a table's rows, not examples of shape {dims}"
@@ -68,6 +74,11 @@ def build_model(model: Model, shape: int | tuple[int, ...], seed: int = 0) -> nn
         if model.name == "logistic-regression":
             return LogisticRegression(n_features)
         return MLP(n_features, list(model.hidden), model.dropout)
+
+
+def build_study_model(spec: StudySpec, shape: int | tuple[int, ...]) -> nn.Module:
+    """``build_model`` with the study's model, seed and privacy."""
+    return build_model(spec.model, shape, spec.seed, private=spec.privacy is not None)
 
 
 def get_weights(module: nn.Module) -> Weights:

@@ -8,10 +8,12 @@ that trains the same round from the same global model sends the same weights.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +25,7 @@ from torch.nn import functional
 from fedstudy.spec import StudySpec, Training
 from fedstudy_trainer.data import SiteDataset
 from fedstudy_trainer.models import build_model
+from fedstudy_trainer.runtime import CPU, Runtime
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -49,6 +52,18 @@ def minibatches(
         order = rng.permutation(n)
         for start in range(0, n, batch_size):
             yield order[start : start + batch_size]
+
+
+class BatchAugment(Protocol):
+    """Random changes to training batches (e.g. image flips), reproducible from a seed."""
+
+    def reseed(self, seed: int) -> None: ...
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+
+# Rows per forward pass at evaluation: a table's whole test split; a few dozen large images.
+EVAL_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -78,36 +93,47 @@ def train_local(
     seed: int,
     steps: int | None = None,
     proximal_mu: float = 0.0,
+    runtime: Runtime = CPU,
+    augment: BatchAugment | None = None,
 ) -> TrainResult:
     """Runs ``steps`` (default ``training.localSteps``) optimizer steps on (x, y) in place.
 
     With ``proximal_mu > 0`` (FedProx) each step's loss adds ``mu/2 * ||w - w0||²``, ``w0``
-    being the weights the model had on entry (the global model).
+    being the weights the model had on entry (the global model). The model moves to
+    ``runtime.device``; ``augment`` changes each training batch (reseeded from ``seed``).
     """
     n_steps = training.localSteps if steps is None else steps
     started = time.perf_counter()
+    model.to(runtime.device)
     features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = make_optimizer(params, training)
+    scaler = runtime.grad_scaler()
     batches = minibatches(len(labels), training.batchSize, np.random.default_rng(seed))
-    total = 0.0
+    if augment is not None:
+        augment.reseed(seed)
+    losses: list[torch.Tensor] = []
     model.train()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=runtime.rng_devices):
         torch.manual_seed(seed)  # dropout masks
-        for _ in range(n_steps):
-            rows = torch.from_numpy(next(batches))
+        for xb, yb in runtime.batches(features, labels, itertools.islice(batches, n_steps)):
+            inputs = augment(xb) if augment is not None else xb
             optimizer.zero_grad(set_to_none=True)
-            loss = functional.binary_cross_entropy_with_logits(model(features[rows]), labels[rows])
+            with runtime.autocast():
+                logits = model(inputs)
+            loss = functional.binary_cross_entropy_with_logits(logits.float(), yb)
             objective = loss
             if anchor:
                 drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 objective = loss + 0.5 * proximal_mu * drift
-            objective.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            total += float(loss.detach())
+            scaler.scale(objective).backward()  # type: ignore[no-untyped-call]
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.detach())
     model.eval()
+    total = sum(float(v) for v in losses)  # one synchronisation with the device, at the end
     return TrainResult(
         loss=total / n_steps if n_steps else math.nan,
         steps=n_steps,
@@ -115,11 +141,22 @@ def train_local(
     )
 
 
-def evaluate(model: nn.Module, x: FloatArray, y: FloatArray) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, x: FloatArray, y: FloatArray, runtime: Runtime = CPU
+) -> dict[str, float]:
     """Loss, accuracy (sigmoid > 0.5) and AUC; ``auc`` is left out when y has one class."""
+    model.to(runtime.device)
     model.eval()
+    features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    per_row = max(1, math.prod(features.shape[1:]))
+    chunk = max(1, EVAL_ELEMENTS // per_row)
     with torch.no_grad():
-        logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        parts = []
+        for start in range(0, len(features), chunk):
+            with runtime.autocast():
+                out = model(runtime.to_device(features[start : start + chunk]))
+            parts.append(out.float().cpu())
+        logits = torch.cat(parts) if parts else torch.zeros(0)
         labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
         loss = float(functional.binary_cross_entropy_with_logits(logits, labels))
         probs = torch.sigmoid(logits).numpy().astype(np.float64)
@@ -130,7 +167,13 @@ def evaluate(model: nn.Module, x: FloatArray, y: FloatArray) -> dict[str, float]
     return metrics
 
 
-def local_baseline(spec: StudySpec, site: str, data: SiteDataset) -> dict[str, float]:
+def local_baseline(
+    spec: StudySpec,
+    site: str,
+    data: SiteDataset,
+    runtime: Runtime = CPU,
+    augment: BatchAugment | None = None,
+) -> dict[str, float]:
     """The site's local-only model: same model and seed, ``rounds * localSteps`` steps here."""
     model = build_model(spec.model, data.input_shape, spec.seed)
     train_local(
@@ -140,5 +183,7 @@ def local_baseline(spec: StudySpec, site: str, data: SiteDataset) -> dict[str, f
         spec.training,
         seed=derive_seed(spec.seed, site, BASELINE_STREAM),
         steps=spec.rounds * spec.training.localSteps,
+        runtime=runtime,
+        augment=augment,
     )
-    return evaluate(model, data.X_test, data.y_test)
+    return evaluate(model, data.X_test, data.y_test, runtime)
