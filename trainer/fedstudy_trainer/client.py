@@ -26,8 +26,10 @@ from fedstudy.tensors import WireError, from_chunks, signature, to_chunks, total
 from fedstudy.wire import aggregator_pb2 as pb
 from fedstudy.wire import aggregator_pb2_grpc
 from fedstudy_trainer.data import SiteDataset
-from fedstudy_trainer.models import Weights, build_model, get_weights, set_weights
+from fedstudy_trainer.imaging import make_augmenter
+from fedstudy_trainer.models import Weights, build_study_model, get_weights, set_weights
 from fedstudy_trainer.privacy import LEAVE_REASON, BudgetExhausted, SitePrivacy
+from fedstudy_trainer.runtime import DeviceError, Runtime, site_runtime
 from fedstudy_trainer.train import (
     TrainResult,
     derive_seed,
@@ -145,6 +147,7 @@ class SiteTrainer:
         connect_timeout: float = 600.0,
         wait_seconds: float = 10.0,
         backoff: Backoff | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self.study = study
         self.spec = study.spec
@@ -155,7 +158,10 @@ class SiteTrainer:
         self.log = logger
         self.wait_seconds = wait_seconds
         self.backoff = backoff or Backoff(connect_timeout)
-        self.model = build_model(self.spec.model, data.input_shape, self.spec.seed)
+        self.runtime = runtime or self._runtime()
+        logs.event(self.log, "device", **self.runtime.describe())
+        self.model = build_study_model(self.spec, data.input_shape).to(self.runtime.device)
+        self.augment = make_augmenter(self.spec, data.input_shape, self.runtime.device)
         self.initial_weights = get_weights(self.model)
         self.signature = signature(self.initial_weights)
         self.state: dict[str, Any] = self._load_state()
@@ -166,6 +172,18 @@ class SiteTrainer:
                 self.spec, study.name, site, data.n_train, self.model, state_dir
             )
             logs.event(self.log, "privacy", **self.privacy.describe())
+
+    def _runtime(self) -> Runtime:
+        """The site's device; a DeviceError naming the field when this machine lacks it."""
+        index = [s.name for s in self.spec.sites].index(self.site)
+        try:
+            return site_runtime(
+                self.spec.sites[index].resources.device,
+                self.spec.training.mixedPrecision,
+                private=self.spec.privacy is not None,
+            )
+        except DeviceError as e:
+            raise DeviceError(f"spec.sites[{index}].resources.device: {e}") from None
 
     # --- state -------------------------------------------------------------------------
 
@@ -364,7 +382,7 @@ class SiteTrainer:
     # --- tasks -------------------------------------------------------------------------
 
     def _evaluate(self, version: int) -> dict[str, float]:
-        metrics = evaluate(self.model, self.data.X_test, self.data.y_test)
+        metrics = evaluate(self.model, self.data.X_test, self.data.y_test, self.runtime)
         logs.event(self.log, "evaluated", model_version=version, metrics=finite(metrics))
         return metrics
 
@@ -400,6 +418,8 @@ class SiteTrainer:
                 self.spec.training,
                 proximal_mu=task.proximal_mu,
                 seed=derive_seed(self.spec.seed, self.site, round_),
+                runtime=self.runtime,
+                augment=self.augment,
             )
         logs.event(
             self.log,
@@ -436,6 +456,8 @@ class SiteTrainer:
                 round_=round_,
                 seed=derive_seed(self.spec.seed, self.site, round_),
                 proximal_mu=proximal_mu,
+                runtime=self.runtime,
+                augment=self.augment,
             )
         except BudgetExhausted as e:
             logs.event(
@@ -456,7 +478,9 @@ class SiteTrainer:
         if self.spec.localBaseline and self.privacy is None:
             if self._baseline is None:
                 started = time.perf_counter()
-                self._baseline = local_baseline(self.spec, self.site, self.data)
+                self._baseline = local_baseline(
+                    self.spec, self.site, self.data, self.runtime, self.augment
+                )
                 logs.event(
                     self.log,
                     "local-baseline",

@@ -27,6 +27,7 @@ from fedstudy_trainer.client import (
 )
 from fedstudy_trainer.data import DataError, load_site_data
 from fedstudy_trainer.privacy import PrivacyError
+from fedstudy_trainer.runtime import DeviceError
 
 COMPONENT = "fedstudy.trainer"
 
@@ -145,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(log, "join-refused", str(e), EXIT_REFUSED, reason=e.reason)
     except PrivacyError as e:
         return _fail(log, "privacy-invalid", str(e), EXIT_REFUSED)
+    except DeviceError as e:
+        return _fail(log, "device-invalid", str(e), EXIT_REFUSED)
     except GaveUp as e:
         return _fail(log, "gave-up", str(e), EXIT_UNREACHABLE, aggregator=args.aggregator)
     except KeyboardInterrupt:

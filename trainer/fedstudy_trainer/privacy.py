@@ -36,7 +36,8 @@ from torch.nn import functional
 
 from fedstudy import fsutil
 from fedstudy.spec import Privacy, StudySpec, Training
-from fedstudy_trainer.train import FloatArray, TrainResult, make_optimizer
+from fedstudy_trainer.runtime import CPU, Runtime
+from fedstudy_trainer.train import BatchAugment, FloatArray, TrainResult, make_optimizer
 
 LEDGER_FILE = "privacy-ledger.json"
 LEAVE_REASON = "privacy-budget-exhausted"
@@ -193,12 +194,18 @@ def check_model(model: nn.Module) -> None:
         if validator is None or not any(p.requires_grad for p in sub.parameters(recurse=False)):
             continue
         for err in validator(sub):
-            problems.append(f"layer {name or '(root)'} ({type(sub).__name__}): {err}")
+            why = (
+                "BatchNorm mixes the rows of a batch, so no row's gradient can be clipped alone"
+                if isinstance(sub, nn.modules.batchnorm._BatchNorm)
+                else str(err)
+            )
+            problems.append(f"layer {name or '(root)'} ({type(sub).__name__}): {why}")
     if problems:
         raise PrivacyError(
             "spec.model: DP-SGD cannot train this model: "
             + "; ".join(problems)
-            + ". Use a model without these layers (BatchNorm → GroupNorm or LayerNorm; "
+            + ". Use a model without these layers (BatchNorm → GroupNorm or LayerNorm: for "
+            "cnn and densenet121 set spec.model.norm to group, or auto; "
             "opacus.validators.ModuleValidator.fix makes such replacements), or remove "
             "spec.privacy"
         )
@@ -254,6 +261,8 @@ def train_private(
     steps: int,
     proximal_mu: float = 0.0,
     mode: Mode | None = None,
+    runtime: Runtime = CPU,
+    augment: BatchAugment | None = None,
 ) -> TrainResult:
     """Runs ``steps`` DP-SGD steps on (x, y), in place on ``model``.
 
@@ -261,17 +270,26 @@ def train_private(
     may be empty and still gets its noise). Clipped gradients plus noise are divided by the
     expected batch size. FedProx's proximal gradient, which reads no data, is added after the
     noise. The loss returned is computed from the private data: keep it on the site.
+
+    On a CUDA device the noise is drawn there, from a generator on that device: the same
+    distribution as on a CPU, not the same numbers. Mixed precision is bfloat16 only (a
+    float16 loss scale would scale the per-row gradients before they are clipped).
     """
+    if runtime.loss_scaling:
+        raise ValueError("DP-SGD cannot train with float16 loss scaling; use bfloat16")
     started = time.perf_counter()
     mode = mode or choose_mode(model)
+    model.to(runtime.device)
     features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
     n = len(labels)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     base = make_optimizer(params, training)
-    noise_gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator(device=runtime.device).manual_seed(seed)
     sampler = np.random.default_rng(seed)
+    if augment is not None:
+        augment.reseed(seed)
     expected = settings.expected_batch_size
     wrapped = _wrap(model, mode, settings)
     optimizer: DPOptimizer
@@ -298,31 +316,38 @@ def train_private(
             loss_reduction="mean",
             generator=noise_gen,
         )
-    total, counted = 0.0, 0
+    losses: list[torch.Tensor] = []
+    samples = (np.flatnonzero(sampler.random(n) < settings.sample_rate) for _ in range(steps))
     wrapped.train()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=runtime.rng_devices):
             torch.manual_seed(seed)  # dropout masks
-            for _ in range(steps):
-                rows = torch.from_numpy(np.flatnonzero(sampler.random(n) < settings.sample_rate))
+            for xb, yb in runtime.batches(features, labels, samples):
                 optimizer.zero_grad(set_to_none=True)
-                if len(rows) == 0:
+                if len(yb) == 0:
                     # No row in this step's sample: the update is the noise alone.
                     for p in params:
-                        noise = torch.normal(0.0, settings.noise_std, p.shape, generator=noise_gen)
+                        noise = torch.normal(
+                            0.0,
+                            settings.noise_std,
+                            p.shape,
+                            generator=noise_gen,
+                            device=p.device,
+                        )
                         p.grad = noise / expected
                 else:
-                    logits = wrapped(features[rows])
+                    inputs = augment(xb) if augment is not None else xb
+                    with runtime.autocast():
+                        logits = wrapped(inputs)
+                    logits = logits.float()
                     if criterion is not None:
-                        dp_loss = criterion(logits, labels[rows])
+                        dp_loss = criterion(logits, yb)
                         dp_loss.backward()
-                        loss_value = float(dp_loss.item())
+                        losses.append(dp_loss.detach())
                     else:
-                        loss = functional.binary_cross_entropy_with_logits(logits, labels[rows])
+                        loss = functional.binary_cross_entropy_with_logits(logits, yb)
                         loss.backward()  # type: ignore[no-untyped-call]
-                        loss_value = float(loss.detach())
-                    total += loss_value
-                    counted += 1
+                        losses.append(loss.detach())
                     optimizer.pre_step()
                 if anchor:
                     for p, a in zip(params, anchor, strict=True):
@@ -334,6 +359,8 @@ def train_private(
         plain = wrapped.to_standard_module()  # type: ignore[operator]
         assert plain is model
     model.eval()
+    counted = len(losses)
+    total = sum(float(v) for v in losses)  # one synchronisation with the device, at the end
     return TrainResult(
         loss=total / counted if counted else math.nan,
         steps=steps,
@@ -441,6 +468,8 @@ class SitePrivacy:
         *,
         seed: int,
         proximal_mu: float = 0.0,
+        runtime: Runtime = CPU,
+        augment: BatchAugment | None = None,
     ) -> TrainResult:
         return train_private(
             model,
@@ -452,6 +481,8 @@ class SitePrivacy:
             steps=self.steps_per_round,
             proximal_mu=proximal_mu,
             mode=self.mode,
+            runtime=runtime,
+            augment=augment,
         )
 
     def train_round(
@@ -464,6 +495,8 @@ class SitePrivacy:
         round_: int,
         seed: int,
         proximal_mu: float = 0.0,
+        runtime: Runtime = CPU,
+        augment: BatchAugment | None = None,
     ) -> TrainResult:
         """Checks the budget, charges the ledger (on disk) and trains one round.
 
@@ -477,7 +510,16 @@ class SitePrivacy:
                 f"(δ={self.privacy.delta:g}, noise multiplier {self.settings.noise:.4g})"
             )
         self.charge(round_)
-        return self.train(model, x, y, training, seed=seed, proximal_mu=proximal_mu)
+        return self.train(
+            model,
+            x,
+            y,
+            training,
+            seed=seed,
+            proximal_mu=proximal_mu,
+            runtime=runtime,
+            augment=augment,
+        )
 
     def describe(self) -> dict[str, Any]:
         """The site's DP settings and what its ledger holds, for the logs."""
