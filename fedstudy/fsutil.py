@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     the target with one rename; the folder is synced so the rename survives a crash. Any
     error (a full disk included) leaves the previous file untouched and is raised.
     """
+    atomic_write_parts(path, [data])
+
+
+def atomic_write_parts(path: Path, parts: Iterable[bytes | memoryview]) -> None:
+    """``atomic_write_bytes`` for a file written piece by piece (a large model: its tensors
+    go to disk as they are, never first joined into one buffer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in parts:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

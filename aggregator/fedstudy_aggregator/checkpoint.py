@@ -15,7 +15,9 @@ complete model file.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import json
+import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from fedstudy.fsutil import atomic_write_bytes, atomic_write_json, read_json
+from fedstudy.fsutil import atomic_write_json, atomic_write_parts, read_json
 from fedstudy.tensors import Array, TensorSpec, Weights, digest, signature
 
 STATE_FILE = "state.json"
@@ -65,6 +67,58 @@ def encode_model(
     return out
 
 
+_ST_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "int64": "I64",
+    "int32": "I32",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+def safetensors_parts(
+    tensors: Mapping[str, Array], metadata: Mapping[str, str] | None = None
+) -> Iterator[bytes | memoryview]:
+    """The safetensors file of ``tensors`` as pieces: the header, then each tensor's own
+    bytes (no copy), so a model of any size is written without a second copy in memory."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    arrays = []
+    offset = 0
+    for name, arr in tensors.items():
+        a = _contiguous(arr)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        end = offset + a.nbytes
+        header[name] = {
+            "dtype": _ST_DTYPES[a.dtype.name],
+            "shape": [int(d) for d in a.shape],
+            "data_offsets": [offset, end],
+        }
+        arrays.append(a)
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    yield struct.pack("<Q", len(raw)) + raw
+    for a in arrays:
+        if a.nbytes:
+            yield a.reshape(-1).view(np.uint8).data
+
+
+def write_model_file(
+    path: Path,
+    model: Mapping[str, Array],
+    strategy_state: Mapping[str, Array] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Writes ``encode_model``'s file atomically, tensor by tensor."""
+    tensors = {_MODEL + k: v for k, v in model.items()}
+    for k, v in (strategy_state or {}).items():
+        tensors[_STRATEGY + k] = v
+    atomic_write_parts(path, safetensors_parts(tensors, metadata))
+
+
 class CheckpointStore:
     """Reads and writes one aggregator's state folder."""
 
@@ -87,7 +141,7 @@ class CheckpointStore:
         """Writes a new model version and the state that names it."""
         name = model_file_name(version)
         meta = {"version": str(version), "study": str(state.get("study", ""))}
-        atomic_write_bytes(self.dir / name, encode_model(model, strategy_state, meta))
+        write_model_file(self.dir / name, model, strategy_state, meta)
         self.model_file = name
         self._model_meta = {
             "model_file": name,

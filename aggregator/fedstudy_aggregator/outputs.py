@@ -14,7 +14,7 @@ from typing import Any
 from fedstudy.fsutil import atomic_write_bytes, atomic_write_json
 from fedstudy.tensors import Weights, digest
 
-from .checkpoint import encode_model
+from .checkpoint import write_model_file
 from .records import History, Metrics, SiteRecord, combine_metrics
 
 MODEL_FILE = "model.safetensors"
@@ -54,7 +54,7 @@ def write_metrics(out_dir: Path, lines: Sequence[Mapping[str, Any]]) -> None:
 
 def write_model(out_dir: Path, model: Weights, study: str, version: int) -> None:
     meta = {"study": study, "version": str(version), "format": "fedstudy"}
-    atomic_write_bytes(out_dir / MODEL_FILE, encode_model(model, metadata=meta))
+    write_model_file(out_dir / MODEL_FILE, model, metadata=meta)
 
 
 def final_metrics(history: History, version: int | None) -> dict[str, Metrics]:

@@ -685,6 +685,11 @@ class Coordinator:
                 with self.cond:
                     self._check_still_open(h)
                     self._fold(h, weights)
+                    # The strategy has folded the update in (or kept it): drop the staged
+                    # arrays before the round may close, so that closing never holds them
+                    # next to the new model.
+                    del weights
+                    self._advance()
         except _Refusal as r:
             return self._refuse(h, r)
         except WireError as e:
@@ -846,6 +851,8 @@ class Coordinator:
         return clip_update(weights, self.model, bound)
 
     def _fold(self, h: pb.UpdateHeader, weights: Weights) -> None:
+        """Takes an accepted update in: the initial model, or one more in the round's mean.
+        The caller then moves the state machine on (``_advance``)."""
         if h.round > 0:
             weights = self._bound_update(h, weights)
             dp = self.strategy.dp
@@ -867,9 +874,8 @@ class Coordinator:
                 digest=digest(weights),
                 tensors=len(weights),
             )
-            self._advance()
             return
-        self.strategy.accept(weights, int(h.num_samples))
+        self.strategy.accept(weights, int(h.num_samples), owned=True)
         self.answered.add(site.name)
         site.rounds_participated += 1
         site.last_round = h.round
@@ -886,7 +892,6 @@ class Coordinator:
             answered=len(self.answered),
             joined=len(self._joined()),
         )
-        self._advance()
 
     def _line(self, r: int, site: SiteRecord) -> RoundLine:
         lines = self.history.setdefault(r, {})

@@ -38,6 +38,8 @@ DEFAULT_BETA1 = 0.9
 DEFAULT_BETA2 = 0.99
 DEFAULT_TAU = 1e-3
 DEFAULT_TRIM = 0.25
+# Values per step of ``fold_mean`` on a large tensor (4 MiB of float32).
+FOLD_BLOCK = 1 << 20
 
 
 def accumulator_dtype(dtype: np.dtype[np.generic]) -> np.dtype[np.floating]:
@@ -55,22 +57,34 @@ def fold_mean(mean: FloatArray, mean_weight: float, x: Array, weight: float) -> 
 
     Returns the new total weight. A running mean, rather than a running sum, keeps values in
     the tensor's range, so float16/float32 accumulators cannot overflow on large weights.
+    The work goes ``FOLD_BLOCK`` values at a time: the temporary stays small whatever the
+    tensor's size.
     """
     total = mean_weight + weight
     if total <= 0:
         raise ValueError("weights must be positive")
     frac = weight / total
-    diff = np.subtract(x, mean, dtype=mean.dtype)
-    diff *= frac
-    mean += diff
+    xs = np.asarray(x)
+    if not mean.flags.c_contiguous or xs.shape != mean.shape or mean.size <= FOLD_BLOCK:
+        diff = np.subtract(xs, mean, dtype=mean.dtype)
+        diff *= frac
+        mean += diff
+        return total
+    flat_mean = mean.reshape(-1)
+    flat_x = xs.reshape(-1)
+    for start in range(0, flat_mean.size, FOLD_BLOCK):
+        part = flat_mean[start : start + FOLD_BLOCK]
+        diff = np.subtract(flat_x[start : start + FOLD_BLOCK], part, dtype=mean.dtype)
+        diff *= frac
+        part += diff
     return total
 
 
 def finish_mean(mean: FloatArray, dtype: np.dtype[np.generic]) -> Array:
     """Casts a running mean back to the tensor's dtype: integers round, bools take the
-    weighted majority."""
+    weighted majority. A mean already in the tensor's dtype is returned as it is (no copy)."""
     if dtype.kind == "f":
-        return mean.astype(dtype)
+        return mean if mean.dtype == dtype else mean.astype(dtype)
     if dtype.kind == "b":
         return np.asarray(mean >= 0.5)
     out: Array = np.rint(mean).astype(dtype)
@@ -148,8 +162,15 @@ class Strategy(ABC):
         self.total_weight = 0.0
         self.accepted = 0
 
-    def accept(self, weights: Mapping[str, Array], num_samples: int) -> None:
-        """Folds one validated update into the running weighted mean."""
+    def accept(
+        self, weights: Mapping[str, Array], num_samples: int, *, owned: bool = False
+    ) -> None:
+        """Folds one validated update into the running weighted mean.
+
+        ``owned``: the arrays are the caller's to give away (a freshly received update that
+        nothing else holds); the round's first update then becomes the running mean as it is,
+        without a copy, wherever its dtype is already the accumulator's.
+        """
         if self._global is None:
             raise RuntimeError("begin_round first")
         if num_samples <= 0:
@@ -157,7 +178,9 @@ class Strategy(ABC):
         w = 1.0 if self.dp is not None else float(num_samples)
         if self._means is None:
             self._means = {
-                k: np.array(weights[k], dtype=accumulator_dtype(g.dtype), copy=True)
+                k: np.array(
+                    weights[k], dtype=accumulator_dtype(g.dtype), copy=None if owned else True
+                )
                 for k, g in self._global.items()
             }
             self.total_weight = w
@@ -183,10 +206,14 @@ class Strategy(ABC):
         return np.asarray(current + self.dp.noisy_change(change_sum), dtype=mean.dtype)
 
     def average(self) -> Weights:
-        """The weighted mean of the round's updates, in the model's dtypes."""
+        """The weighted mean of the round's updates, in the model's dtypes. The running means
+        become the result where they can (no copy of the model), so this ends the round's
+        accumulation: ``begin_round`` starts the next."""
         if self._global is None or self._means is None:
             raise RuntimeError("no update was accepted this round")
-        return {k: finish_mean(self.mean_of(k), g.dtype) for k, g in self._global.items()}
+        out = {k: finish_mean(self.mean_of(k), g.dtype) for k, g in self._global.items()}
+        self._means = None
+        return out
 
     @abstractmethod
     def aggregate(self) -> Weights:
@@ -361,8 +388,11 @@ class _Robust(Strategy):
         super().begin_round(global_weights)
         self._updates = []
 
-    def accept(self, weights: Mapping[str, Array], num_samples: int) -> None:
-        super().accept(weights, num_samples)
+    def accept(
+        self, weights: Mapping[str, Array], num_samples: int, *, owned: bool = False
+    ) -> None:
+        # The update is kept whole until the round aggregates: never fold into its arrays.
+        super().accept(weights, num_samples, owned=False)
         self._updates.append(weights)
 
     def _combine(self, stack: FloatArray) -> FloatArray:
