@@ -147,6 +147,7 @@ def test_fedstudy_run_with_dp(tmp_path: Path) -> None:
         training={"localSteps": 10, "batchSize": 16, "optimizer": "sgd", "learningRate": 0.1},
         privacy=PRIVACY,
         roundTimeoutSeconds=60,
+        minSites=2,  # both sites train every round, however their start-ups interleave
     )
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(doc))
