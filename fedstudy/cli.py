@@ -19,7 +19,19 @@ COMPONENT_COMMANDS: dict[str, tuple[str, str, str]] = {
     "aggregator": ("fedstudy_aggregator.main", "main", "run a study's aggregator (gRPC server)"),
     "trainer": ("fedstudy_trainer.main", "main", "run one site's trainer (dials out)"),
     "operator": ("fedstudy_operator.main", "main", "run the Kubernetes operator"),
+    "export": (
+        "fedstudy_trainer.export",
+        "main",
+        "export a study's model to ONNX and check it against PyTorch",
+    ),
+    "predict": (
+        "fedstudy_trainer.predict",
+        "main",
+        "score a CSV table with an exported model and a site's preprocessing",
+    ),
 }
+# The extras a component command needs, named when one of its imports is missing.
+COMPONENT_EXTRAS = {"trainer": "trainer", "export": "trainer,export", "predict": "trainer,export"}
 
 
 def _component(name: str) -> Callable[[Sequence[str]], int]:
@@ -27,7 +39,11 @@ def _component(name: str) -> Callable[[Sequence[str]], int]:
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        extra = " (pip install 'fedstudy[trainer]')" if name == "trainer" else ""
+        extra = (
+            f" (pip install 'fedstudy[{COMPONENT_EXTRAS[name]}]')"
+            if name in COMPONENT_EXTRAS
+            else ""
+        )
         raise SystemExit(f"fedstudy {name}: cannot import {e.name}{extra}") from None
     fn: Callable[[Sequence[str]], int] = getattr(mod, func)
     return fn
@@ -88,6 +104,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"fedstudy report: {e}", file=sys.stderr)
         return 1
     print(f"report: {path}")
+    return 0
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from fedstudy.audit import verify
+
+    path = Path(args.file)
+    try:
+        verdict = verify(path, head=args.head)
+    except OSError as e:
+        print(f"fedstudy audit verify: {path}: cannot read: {e.strerror}", file=sys.stderr)
+        return 2
+    if verdict.problem is not None:
+        print(f"{path}: broken at {verdict.problem}", file=sys.stderr)
+        return 1
+    print(
+        f"{path}: ok: {verdict.entries} entries, the chain verifies; last entry "
+        f"{verdict.last_event or '-'}, hash {verdict.head}"
+    )
     return 0
 
 
@@ -164,6 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", help="the metric to plot (default: the study's, or auc/accuracy)")
     p.add_argument("--study", help="the study file: its metric and privacy budget (optional)")
     p.set_defaults(func=_cmd_report)
+
+    audit = sub.add_parser("audit", help="check a study's audit trail (audit.jsonl)")
+    asub = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    p = asub.add_parser(
+        "verify",
+        help="check the hash chain; exit 0 when it verifies, 1 naming the first bad entry",
+    )
+    p.add_argument("file", metavar="FILE", help="the audit trail, e.g. OUT/audit.jsonl")
+    p.add_argument(
+        "--head",
+        metavar="SHA256",
+        help="also require an entry with this hash (e.g. summary.json's audit.study_end_hash), "
+        "so a trail cut short after it fails",
+    )
+    p.set_defaults(func=_cmd_audit_verify)
 
     certs = sub.add_parser("certs", help="a CA per study, certificates for sites and aggregator")
     csub = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)

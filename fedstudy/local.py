@@ -33,7 +33,17 @@ from fedstudy.certs import init_ca_dir, issue_cert, read_credentials, write_cred
 from fedstudy.report import ReportError, epsilon_budget_of, write_report
 from fedstudy.spec import FederatedStudy, StudyError, check_irb, check_local_files, load_study
 
-OUTPUT_FILES = ("model.safetensors", "metrics.jsonl", "summary.json")
+OUTPUT_FILES = (
+    "model.safetensors",
+    "metrics.jsonl",
+    "summary.json",
+    "model-card.md",
+    "audit.jsonl",
+    "model.onnx",
+)
+EXPORT_TIMEOUT_S = 600.0
+# fedstudy export's exit code when onnx or onnxruntime is not installed.
+EXPORT_MISSING_PACKAGES = 3
 STARTUP_TIMEOUT_S = 60.0
 
 
@@ -268,6 +278,9 @@ def prepare_out(out: Path, keep_state: bool) -> None:
         shutil.rmtree(out / "logs", ignore_errors=True)
         for f in OUTPUT_FILES:
             (out / f).unlink(missing_ok=True)
+        # Torn audit lines moved aside belong to the trail just removed.
+        for torn in out.glob("audit.jsonl.torn-*"):
+            torn.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -288,6 +301,27 @@ def provision_tls(study: FederatedStudy, tls_dir: Path) -> dict[str, Path]:
         dirs[name] = tls_dir / name
         write_credentials(creds, dirs[name], name)
     return dirs
+
+
+def export_model(study: FederatedStudy, study_file: str, out: Path) -> tuple[int, str]:
+    """Runs ``fedstudy export`` on the study's final model, checked on every site's test
+    rows; returns (exit code, what it printed)."""
+    cmd = [sys.executable, "-m", "fedstudy", "export", str(out / "model.safetensors")]
+    cmd += ["--study", study_file, "--out", str(out / "model.onnx")]
+    for site in study.spec.sites:
+        cmd += ["--site", site.name]
+    try:
+        r = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=EXPORT_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return 1, f"the export took more than {EXPORT_TIMEOUT_S:.0f} s"
+    return r.returncode, (r.stdout + r.stderr).strip()
 
 
 def _error(*lines: str) -> None:
@@ -400,6 +434,16 @@ def run_study(
         _error(f"study {study.name}: no readable summary at {summary_path}: {e}")
         return 1
     console.print(summary_table(summary, study.spec.task.metric))
+    exported = True
+    if (out / "model.safetensors").exists():
+        code, said = export_model(study, study_file, out)
+        if code == 0:
+            console.print(said.splitlines()[-1] if said else "model.onnx exported", markup=False)
+        elif code == EXPORT_MISSING_PACKAGES:
+            console.print(f"ONNX export skipped: {said}", markup=False)
+        else:
+            exported = False
+            _error(f"study {study.name}: the ONNX export failed:", *said.splitlines())
     try:
         report = write_report(out, study.spec.task.metric, epsilon_budget_of(study.spec))
         console.print(f"report: {report}", markup=False)
@@ -417,4 +461,4 @@ def run_study(
         f"{elapsed:.1f} s; outputs in {out}",
         markup=False,
     )
-    return 0
+    return 0 if exported else 1

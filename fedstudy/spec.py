@@ -493,6 +493,8 @@ class Irb(_Strict):
 
 class Governance(_Strict):
     irb: Irb | None = None
+    # What the model is for, in the study's own words: the model card quotes it.
+    intendedUse: str | None = Field(default=None, min_length=1, max_length=2000)
 
 
 class StudySpec(_Strict):

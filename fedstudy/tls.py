@@ -8,10 +8,13 @@ mounted ``kubernetes.io/tls`` Secret (``tls.crt``, ``tls.key``, ``ca.crt``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from fedstudy.certs import CA_CERT, Credentials
 
@@ -106,3 +109,16 @@ def peer_name(context: grpc.ServicerContext) -> str | None:
     if not names:
         return None
     return str(names[0].decode("utf-8", errors="replace"))
+
+
+def peer_certificate_sha256(context: grpc.ServicerContext) -> str | None:
+    """The SHA-256 fingerprint (of the DER form, hex) of the client's verified certificate,
+    or None without TLS."""
+    pems: Any = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(bytes(pems[0]))
+    except ValueError:
+        return None
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()

@@ -14,6 +14,8 @@ import yaml
 from safetensors.numpy import load_file
 from studyprocs import StudyProcesses, read_jsonl
 
+from fedstudy.audit import AUDIT_FILE, verify
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
@@ -98,6 +100,21 @@ def test_aggregator_killed_five_times_at_random_points_loses_and_repeats_no_roun
     counts = Counter((line["round"], line["site"]) for line in lines)
     assert counts == Counter({(r, s): 1 for r in range(1, rounds + 1) for s in run.sites})
     assert load_file(str(run.out / "model.safetensors"))
+
+    # The audit trail went through the six lives as one chain: it verifies up to the study's
+    # end, each restart says which checkpoint it resumed from (one the trail had logged), and
+    # the newest entry of each round is the model the study went on with.
+    verdict = verify(run.out / AUDIT_FILE, head=summary["audit"]["study_end_hash"])
+    assert verdict.ok, verdict.problem
+    trail = read_jsonl(run.out / AUDIT_FILE)
+    resumed = [e for e in trail if e["event"] == "resumed"]
+    assert [e["model_version"] for e in resumed] == [
+        next(e for e in life if e["event"] == "resumed")["completed_rounds"] for life in lives[1:]
+    ]
+    assert all(e["checkpoint_in_trail"] for e in resumed)
+    newest = {e["round"]: e for e in trail if e["event"] == "round"}
+    assert sorted(newest) == list(range(1, rounds + 1))
+    assert newest[rounds]["model_digest"] == summary["model"]["sha256"]
 
 
 def test_a_killed_trainer_is_left_behind_after_the_timeout_and_rejoins(procs: Any) -> None:

@@ -1,13 +1,15 @@
 """``fedstudy aggregator``: run a study's aggregator until the study is done.
 
 Exit codes: 0 when the study is done (completed or ended early, see ``summary.json``) or on
-SIGTERM; 2 for a bad study file or command line; 1 when the state folder cannot be used, a
-port cannot be bound or a checkpoint cannot be written (a full disk); 130 on SIGINT.
+SIGTERM; 2 for a bad study file or command line, or a study whose IRB approval has lapsed;
+1 when the state folder or the audit trail cannot be used, a port cannot be bound or a
+checkpoint cannot be written (a full disk); 130 on SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -16,8 +18,9 @@ from pathlib import Path
 from types import FrameType
 
 from fedstudy import tls
+from fedstudy.audit import AuditError
 from fedstudy.logs import event, setup
-from fedstudy.spec import StudyError, load_study
+from fedstudy.spec import StudyError, check_irb, load_study
 
 from .checkpoint import CheckpointError
 from .server import AggregatorServer, BindError, split_address
@@ -97,6 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {problem}", file=sys.stderr)
         return 2
     try:
+        check_irb(study)
+    except StudyError as e:
+        print(f"fedstudy aggregator: {args.study}: cannot run this study", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        event(log, "irb-expired", logging.ERROR, error="; ".join(e.problems))
+        return 2
+    try:
         creds = tls.credentials_from_args(args, "aggregator")
     except tls.TlsError as e:
         print(f"fedstudy aggregator: {e}", file=sys.stderr)
@@ -121,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls=creds,
         )
         server.start()
-    except (CheckpointError, BindError, OSError) as e:
+    except (CheckpointError, AuditError, BindError, OSError) as e:
         print(f"fedstudy aggregator: {e}", file=sys.stderr)
         for s, h in old.items():
             signal.signal(s, h)

@@ -1,4 +1,6 @@
-"""The study's outputs: ``model.safetensors``, ``metrics.jsonl`` and ``summary.json``.
+"""The study's outputs: ``model.safetensors``, ``metrics.jsonl``, ``summary.json`` and, at
+the end, ``model-card.md`` (the audit trail, ``audit.jsonl``, is written entry by entry: see
+``audit.py``).
 
 Everything here is built from the checkpointed records, and every file is rewritten whole
 and atomically, so a restarted aggregator never duplicates a line.
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fedstudy.fsutil import atomic_write_bytes, atomic_write_json
+from fedstudy.modelcard import MODEL_CARD_FILE, model_card
+from fedstudy.spec import FederatedStudy
 from fedstudy.tensors import Weights, digest
 
 from .checkpoint import write_model_file
@@ -119,3 +123,7 @@ def build_summary(
 
 def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
     atomic_write_json(out_dir / SUMMARY_FILE, summary)
+
+
+def write_model_card(out_dir: Path, study: FederatedStudy, summary: Mapping[str, Any]) -> None:
+    atomic_write_bytes(out_dir / MODEL_CARD_FILE, model_card(study, summary).encode())

@@ -34,6 +34,7 @@ from fedstudy.tensors import (
 from fedstudy.wire import aggregator_pb2 as pb
 
 from . import outputs
+from .audit import StudyAudit
 from .checkpoint import CheckpointError, CheckpointStore
 from .metrics import AggregatorMetrics, epsilon_budget_of
 from .records import (
@@ -173,6 +174,9 @@ class Coordinator:
 
         state_dir.mkdir(parents=True, exist_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
+        # The audit trail goes on from what is on disk (AuditError when it does not verify).
+        self.audit = StudyAudit(out_dir, study)
+        self.audit.open()
         self._resume()
         self._watch_metrics()
 
@@ -181,6 +185,7 @@ class Coordinator:
     def _resume(self) -> None:
         snap = self.store.load()
         if snap is None:
+            self.audit.started()
             event(
                 self.log,
                 "fresh-start",
@@ -212,6 +217,11 @@ class Coordinator:
         self.refused = Counter({str(k): int(v) for k, v in (st.get("refused") or {}).items()})
         self.completed = bool(st.get("completed", False))
         self.ended_reason = st.get("ended_reason")
+        self.audit.resumed(
+            str(st.get("phase")),
+            self.version,
+            digest(self.model) if self.model is not None else None,
+        )
         if st.get("phase") == DONE:
             self.phase = DONE
             self.done_at = self.clock()
@@ -278,6 +288,14 @@ class Coordinator:
         except OSError as e:
             raise self._disk_failure("writing state.json", e) from e
 
+    def _audit_write(self, what: str, write: Callable[[], None]) -> None:
+        """Appends to the audit trail; a failed write halts the aggregator like a failed
+        checkpoint (the entry would otherwise be missing from the trail)."""
+        try:
+            write()
+        except OSError as e:
+            raise self._disk_failure(f"writing the audit trail ({what})", e) from e
+
     def _write_outputs(self, final: bool) -> None:
         try:
             self._write_outputs_now(final)
@@ -294,7 +312,9 @@ class Coordinator:
             return
         if self.model is not None:
             outputs.write_model(self.out_dir, self.model, self.name, v)
-        outputs.write_summary(self.out_dir, self.summary())
+        summary = self.summary()
+        outputs.write_summary(self.out_dir, summary)
+        outputs.write_model_card(self.out_dir, self.study, summary)
 
     def server_privacy(self) -> dict[str, float | int] | None:
         """Server-side DP's spend so far (ε after the completed rounds), or None."""
@@ -316,6 +336,9 @@ class Coordinator:
         )
         if self.strategy.dp is not None:
             out["server_privacy"] = self.server_privacy()
+        anchor = self.audit.anchor()
+        if anchor is not None:
+            out["audit"] = anchor
         return out
 
     def _watch_metrics(self) -> None:
@@ -376,6 +399,7 @@ class Coordinator:
         self.answered = set()
         self.excluded = set()
         self.round_refused = Counter()
+        self.audit.updates = {}
         self.strategy.begin_round(self.model)
         event(self.log, "round-open", round=r, sites=sorted(self._joined()), model_version=r - 1)
 
@@ -390,6 +414,19 @@ class Coordinator:
         if self.phase == FINISHING:
             self.finishing_since = self.clock()
         self.round = None
+        # The round's entry goes to the audit trail before its checkpoint (write-ahead).
+        self._audit_write(
+            f"round {r}",
+            lambda: self.audit.round_closed(
+                r,
+                participants=self.answered,
+                excluded=self.excluded,
+                model_digest=digest(self.model or {}),
+                duration_s=self.last_round_duration or 0.0,
+                site_epsilon=self._site_epsilon(),
+                server_privacy=self.server_privacy(),
+            ),
+        )
         self._checkpoint_model()
         if r >= 2:
             self._write_outputs(final=False)
@@ -417,6 +454,17 @@ class Coordinator:
             event(self.log, "finishing", model_version=r, sites=sorted(self._joined()))
         self._advance()
 
+    def _site_epsilon(self) -> dict[str, dict[str, Any]] | None:
+        """Under DP-SGD, the ε each site last reported and the round it was spent through (a
+        site reports with its evaluation of model version v: its spend over rounds 1..v)."""
+        if self.spec.privacy is None:
+            return None
+        return {
+            s.name: {"epsilon": s.metrics.get("epsilon"), "through_round": s.metrics_version}
+            for s in self.sites.values()
+            if "epsilon" in s.metrics
+        }
+
     def _enter_finishing(self) -> None:
         self.phase = FINISHING
         self.finishing_since = self.clock()
@@ -429,6 +477,27 @@ class Coordinator:
         self.ended_reason = reason
         self.round = None
         self.done_at = self.clock()
+        self._audit_write(
+            "study end",
+            lambda: self.audit.study_end(
+                completed=completed,
+                ended_reason=reason,
+                rounds_completed=self.version or 0,
+                model_digest=digest(self.model) if self.model is not None else None,
+                refused_updates=self.refused,
+                sites={
+                    s.name: {
+                        "rounds_participated": s.rounds_participated,
+                        "train_samples": s.train_samples,
+                        "test_samples": s.test_samples,
+                        **({"left": s.left} if s.left else {}),
+                        **({"epsilon": s.metrics["epsilon"]} if "epsilon" in s.metrics else {}),
+                    }
+                    for s in self.sites.values()
+                },
+                server_privacy=self.server_privacy(),
+            ),
+        )
         self._write_outputs(final=True)
         self._checkpoint_state()
         event(
@@ -469,7 +538,14 @@ class Coordinator:
 
     # ----------------------------------------------------------------- Join / Leave
 
-    def join(self, req: pb.JoinRequest) -> pb.JoinResponse:
+    def join(
+        self,
+        req: pb.JoinRequest,
+        certificate_sha256: str | None = None,
+        mutual_tls: bool = False,
+    ) -> pb.JoinResponse:
+        """Admits a site. ``certificate_sha256`` is the fingerprint of the certificate the site
+        presented under mutual TLS, for the audit trail."""
         with self.cond:
             site = self.sites.get(req.site)
             sig = [TensorSpec.from_proto(p) for p in req.model]
@@ -504,9 +580,21 @@ class Coordinator:
                     completed_rounds=self.version or 0,
                 )
             assert site is not None
+            again = site.joined
+            self._audit_write(
+                f"{site.name} joined",
+                lambda: self.audit.site_joined(
+                    site.name,
+                    again=again,
+                    train_samples=int(req.train_samples),
+                    test_samples=int(req.test_samples),
+                    trainer_version=req.trainer_version,
+                    certificate_sha256=certificate_sha256,
+                    mutual_tls=mutual_tls,
+                ),
+            )
             if self.reference is None:
                 self.reference = sig
-            again = site.joined
             site.joined = True
             site.left = None
             site.signature = sig
@@ -533,6 +621,10 @@ class Coordinator:
             if req.study != self.name or site is None:
                 return pb.LeaveReceipt(accepted=False)
             was_joined = site.joined
+            self._audit_write(
+                f"{site.name} left",
+                lambda: self.audit.site_left(site.name, req.reason or "left", req.message),
+            )
             site.joined = False
             site.left = req.reason or "left"
             event(
@@ -682,9 +774,10 @@ class Coordinator:
                 with self.cond:
                     self._check_still_open(h)
                 weights = self._stage(h, first.ByteSize(), stream, expected, bound)
+                received = digest(weights)
                 with self.cond:
                     self._check_still_open(h)
-                    self._fold(h, weights)
+                    self._fold(h, weights, received)
                     # The strategy has folded the update in (or kept it): drop the staged
                     # arrays before the round may close, so that closing never holds them
                     # next to the new model.
@@ -700,6 +793,12 @@ class Coordinator:
         with self.cond:
             self.refused[r.reason] += 1
             self.round_refused[r.reason] += 1
+            self.audit.refused(
+                h.site if h is not None else None,
+                int(h.round) if h is not None else None,
+                r.reason,
+                str(r),
+            )
             self.metrics.update_refused(r.reason)
             excluded = (
                 h is not None
@@ -850,9 +949,10 @@ class Coordinator:
         event(self.log, "update-clipped", site=h.site, round=h.round, norm=norm, bound=bound)
         return clip_update(weights, self.model, bound)
 
-    def _fold(self, h: pb.UpdateHeader, weights: Weights) -> None:
+    def _fold(self, h: pb.UpdateHeader, weights: Weights, received: str = "") -> None:
         """Takes an accepted update in: the initial model, or one more in the round's mean.
-        The caller then moves the state machine on (``_advance``)."""
+        The caller then moves the state machine on (``_advance``). ``received`` is the
+        update's digest as it arrived, for the audit trail."""
         if h.round > 0:
             weights = self._bound_update(h, weights)
             dp = self.strategy.dp
@@ -862,6 +962,16 @@ class Coordinator:
         self.accepted_total += 1
         self.metrics.update_accepted(site.name, int(h.round))
         if h.round == 0:
+            model_digest = received or digest(weights)
+            self._audit_write(
+                "initial model",
+                lambda: self.audit.initial_model(
+                    site.name,
+                    model_digest,
+                    tensors=len(weights),
+                    parameters=sum(int(a.size) for a in weights.values()),
+                ),
+            )
             self.model = weights
             self.version = 0
             self.reference = signature(weights)
@@ -871,10 +981,11 @@ class Coordinator:
                 self.log,
                 "initial-model",
                 site=site.name,
-                digest=digest(weights),
+                digest=model_digest,
                 tensors=len(weights),
             )
             return
+        self.audit.accepted(site.name, int(h.num_samples), received or digest(weights))
         self.strategy.accept(weights, int(h.num_samples), owned=True)
         self.answered.add(site.name)
         site.rounds_participated += 1

@@ -15,7 +15,7 @@ import grpc
 
 from fedstudy.logs import event
 from fedstudy.tensors import to_chunks
-from fedstudy.tls import peer_name
+from fedstudy.tls import peer_certificate_sha256, peer_name
 from fedstudy.wire import aggregator_pb2 as pb
 from fedstudy.wire import aggregator_pb2_grpc as pb_grpc
 from fedstudy.wire import tensors_pb2
@@ -57,7 +57,13 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     ) -> pb.JoinResponse:
         if (why := self._impostor(context, request.site, "Join")) is not None:
             return pb.JoinResponse(accepted=False, reason="identity-mismatch", message=why)
-        return self.coord.join(request)
+        fingerprint = peer_certificate_sha256(context) if self.verify_identity else None
+        try:
+            return self.coord.join(
+                request, certificate_sha256=fingerprint, mutual_tls=self.verify_identity
+            )
+        except DiskFailure as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the aggregator is stopping: {e}")
 
     def GetTask(  # noqa: N802
         self, request: pb.TaskRequest, context: grpc.ServicerContext

@@ -46,6 +46,7 @@ from fedstudy.spec import (
     Task,
     resolve_data_path,
 )
+from fedstudy_trainer.features import FeatureTransform, fit_transform, standard_scale
 
 FloatArray = npt.NDArray[np.float32]
 IndexArray = npt.NDArray[np.int64]
@@ -69,6 +70,8 @@ class SiteDataset:
     rows_used: int
     # Things the trainer should log, e.g. a split that could not be stratified.
     notes: tuple[str, ...] = ()
+    # A table's preprocessing as fitted on the training rows: it scores new rows.
+    transform: FeatureTransform | None = None
 
     @property
     def n_features(self) -> int:
@@ -496,6 +499,7 @@ def preprocess(table: pd.DataFrame, pre: Preprocessing, task: Task, source: str)
             )
         x_train = np.where(np.isnan(x_train), means, x_train)
         x_test = np.where(np.isnan(x_test), means, x_test)
+    transform = fit_transform(x_train, pre, label, numeric_names, names)
     if pre.standardize:
         x_train, x_test = standardize(x_train, x_test)
     return SiteDataset(
@@ -508,6 +512,7 @@ def preprocess(table: pd.DataFrame, pre: Preprocessing, task: Task, source: str)
         rows_read=rows_read,
         rows_used=int(keep.sum()),
         notes=tuple(notes),
+        transform=transform,
     )
 
 
@@ -515,7 +520,5 @@ def standardize(
     x_train: npt.NDArray[np.float64], x_test: npt.NDArray[np.float64]
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Centres and scales both splits with the training split's mean and sample std."""
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0, ddof=1) if len(x_train) > 1 else np.ones(x_train.shape[1])
-    std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
+    mean, std = standard_scale(x_train)
     return (x_train - mean) / std, (x_test - mean) / std

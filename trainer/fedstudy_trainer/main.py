@@ -26,6 +26,7 @@ from fedstudy_trainer.client import (
     SiteTrainer,
 )
 from fedstudy_trainer.data import DataError, load_site_data
+from fedstudy_trainer.features import PREPROCESSING_FILE, write_preprocessing
 from fedstudy_trainer.privacy import PrivacyError
 from fedstudy_trainer.runtime import DeviceError
 
@@ -120,6 +121,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_samples=data.n_test,
         features=data.n_features,
     )
+    if data.transform is not None:
+        # The preprocessing as fitted here, for scoring new rows later (fedstudy predict).
+        path = Path(args.state_dir) / PREPROCESSING_FILE
+        try:
+            write_preprocessing(path, data.transform, study.name, site.name)
+        except OSError as e:
+            return _fail(log, "state-unwritable", f"{path}: {e.strerror}", EXIT_REFUSED)
 
     # The first optimizer built in a process imports torch._dynamo (about a second): pay it
     # now, before joining, rather than inside the first round.
