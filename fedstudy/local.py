@@ -42,8 +42,9 @@ OUTPUT_FILES = (
     "model.onnx",
 )
 EXPORT_TIMEOUT_S = 600.0
-# fedstudy export's exit code when onnx or onnxruntime is not installed.
-EXPORT_MISSING_PACKAGES = 3
+# fedstudy export's exit codes when onnx or onnxruntime is not installed, and when the
+# study's model has no ONNX export (xgboost trees, say): the run goes on without model.onnx.
+EXPORT_SKIPPED = (3, 4)
 STARTUP_TIMEOUT_S = 60.0
 
 
@@ -439,7 +440,7 @@ def run_study(
         code, said = export_model(study, study_file, out)
         if code == 0:
             console.print(said.splitlines()[-1] if said else "model.onnx exported", markup=False)
-        elif code == EXPORT_MISSING_PACKAGES:
+        elif code in EXPORT_SKIPPED:
             console.print(f"ONNX export skipped: {said}", markup=False)
         else:
             exported = False

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fedstudy_trainer import predict
+from fedstudy_trainer import export, predict
 from fedstudy_trainer.data import SiteDataset, load_site_data, read_site_table
 from fedstudy_trainer.export import check_rows, export_onnx, torch_scores
 from fedstudy_trainer.features import (
@@ -18,8 +18,9 @@ from fedstudy_trainer.features import (
     read_preprocessing,
     write_preprocessing,
 )
-from fedstudy_trainer.models import build_model
+from fedstudy_trainer.models import build_model, get_weights
 from fedstudy_trainer.predict import OnnxModel
+from safetensors.numpy import save_file
 from trainer_support import breast_cancer_sites, make_study
 
 from fedstudy.spec import FederatedStudy
@@ -240,3 +241,28 @@ def test_predict_refuses_a_model_made_for_other_features(
     write_preprocessing(other, data.transform, study.name, "site-0")
     err = _predict_error(heart_export[0], other, tmp_path / "unused.csv", capsys)
     assert "the model is study 'heart-disease''s; the preprocessing is study 'test-study''s" in err
+
+
+def test_export_of_a_model_that_is_no_torch_module_is_skipped_with_its_own_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = make_study(breast_cancer_sites(2))
+    study_path = tmp_path / "study.yaml"
+    study_path.write_text(json.dumps(study.model_dump(mode="json", exclude_none=True)))
+    data = load_site_data(study, "site-0", Path("."))
+    weights = get_weights(build_model(study.spec.model, data.input_shape))
+    model_path = tmp_path / "model.safetensors"
+    save_file({f"model/{k}": v for k, v in weights.items()}, str(model_path))
+    assert export.main([str(model_path), "--study", str(study_path)]) == 0
+    assert (tmp_path / "model.onnx").is_file()
+
+    def trees(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        raise ValueError("model xgboost is grown by XGBoost, not built as a torch module")
+
+    monkeypatch.setattr(export, "build_model", trees)
+    (tmp_path / "model.onnx").unlink()
+    assert export.main([str(model_path), "--study", str(study_path)]) == export.EXIT_NOT_EXPORTABLE
+    assert "no ONNX export: model logistic-regression: model xgboost is grown" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "model.onnx").exists()

@@ -12,7 +12,8 @@ and their outputs must agree within ``--tolerance`` (1e-5 by default). A failed 
 removes the file.
 
 Exit codes: 0 exported and checked; 1 the check failed; 2 bad input (the study, the model
-file, a site's data); 3 onnx or onnxruntime is missing.
+file, a site's data); 3 onnx or onnxruntime is missing; 4 the study's model has no ONNX export
+(it is not a torch module, e.g. xgboost, or the exporter cannot translate one of its layers).
 """
 
 from __future__ import annotations
@@ -53,11 +54,16 @@ from fedstudy_trainer.predict import (
 )
 
 EXIT_CHECK_FAILED = 1
+EXIT_NOT_EXPORTABLE = 4
 ONNX_FILE = "model.onnx"
 OPSET = 17
 DEFAULT_TOLERANCE = 1e-5
 _MODEL_PREFIX = "model/"
 _STRATEGY_PREFIX = "strategy/"
+
+
+class NotExportable(ExportError):
+    """A model this exporter cannot write as ONNX."""
 
 
 class _Scored(nn.Module):
@@ -99,10 +105,12 @@ def load_weights(path: Path) -> tuple[Weights, dict[str, str]]:
 
 def build_loaded(study: FederatedStudy, shape: tuple[int, ...], weights: Weights) -> nn.Module:
     """The study's model for examples of ``shape``, with ``weights`` loaded, in eval mode."""
+    spec = study.spec
     try:
-        model = build_model(
-            study.spec.model, shape, seed=study.spec.seed, private=study.spec.privacy is not None
-        )
+        model = build_model(spec.model, shape, seed=spec.seed, private=spec.privacy is not None)
+    except ValueError as e:
+        raise NotExportable(f"model {spec.model.name}: {e}") from None
+    try:
         set_weights(model, weights)
     except ValueError as e:
         raise ExportError(f"the study's model cannot take these weights: {e}") from None
@@ -131,7 +139,7 @@ def export_onnx(
             # The TorchScript-based exporter announces its own deprecation on every call.
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.simplefilter("ignore", category=FutureWarning)
-            torch.onnx.export(
+            _export(
                 scored,
                 (dummy,),
                 str(raw),
@@ -149,6 +157,15 @@ def export_onnx(
     proto.producer_version = __version__
     onnx.checker.check_model(proto)
     atomic_write_bytes(path, proto.SerializeToString())
+
+
+def _export(*args: Any, **kwargs: Any) -> None:
+    """``torch.onnx.export``; a layer it cannot translate is ``NotExportable``."""
+    try:
+        torch.onnx.export(*args, **kwargs)
+    except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NotExportable(f"PyTorch's ONNX exporter cannot translate the model: {first}") from e
 
 
 def torch_scores(model: nn.Module, x: FloatArray) -> tuple[FloatArray, FloatArray]:
@@ -265,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = next(iter(datasets.values()), None)
     try:
         model = build_loaded(study, shape, weights)
+    except NotExportable as e:
+        return _fail(f"no ONNX export: {e}", EXIT_NOT_EXPORTABLE)
     except ExportError as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     ordered = {k: weights[k] for k in model.state_dict()}
@@ -283,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         checks = [check_rows(model, onnx_model, n, d.X_test) for n, d in datasets.items()]
     except MissingPackages as e:
         return _fail(str(e), EXIT_MISSING_PACKAGES)
+    except NotExportable as e:
+        out.unlink(missing_ok=True)
+        return _fail(f"no ONNX export: {e}", EXIT_NOT_EXPORTABLE)
     except ExportError as e:
         out.unlink(missing_ok=True)
         return _fail(str(e), EXIT_CHECK_FAILED)
