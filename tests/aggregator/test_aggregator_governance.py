@@ -271,3 +271,34 @@ def test_the_aggregator_refuses_a_study_whose_irb_approval_has_lapsed(
     assert f"IRB approval of protocol IRB-2019-12 expired on {yesterday.isoformat()}" in err
     assert "spec.governance.irb.approvedUntil" in err
     assert not state.exists()
+
+
+def test_round_entries_carry_each_sites_epsilon_and_server_dp(
+    start: StartFn, tmp_path: Path
+) -> None:
+    study = make_study(
+        2,
+        rounds=2,
+        privacy={"targetEpsilon": 3.0, "delta": 1e-5},
+        serverPrivacy={"clipNorm": 1.0, "noiseMultiplier": 1.5},
+    )
+    agg = start(study)
+    s0, s1 = initialise(agg, "s0", "s1")
+    for i, s in enumerate((s0, s1)):
+        assert s.task().kind == T.TRAIN
+        assert s.report(0, {"loss": 0.5, "epsilon": 0.0, "delta": 1e-5}).accepted
+        assert s.submit(model(1.0 + i), 1).accepted
+    for i, s in enumerate((s0, s1)):
+        assert s.task().round == 2
+        assert s.report(1, {"loss": 0.4, "epsilon": 1.25 + i, "delta": 1e-5}).accepted
+        assert s.submit(model(2.0 + i), 2).accepted
+    rounds = [e for e in entries(tmp_path / "out") if e["event"] == "round"]
+    assert rounds[1]["site_epsilon"] == {
+        "s0": {"epsilon": 1.25, "through_round": 1},
+        "s1": {"epsilon": 2.25, "through_round": 1},
+    }
+    server = rounds[1]["server_privacy"]
+    assert server == agg.coord.server_privacy()
+    assert server["rounds"] == 2
+    assert server["epsilon"] > rounds[0]["server_privacy"]["epsilon"] > 0
+    assert entries(tmp_path / "out")[0]["privacy"] == {"targetEpsilon": 3.0, "delta": 1e-5}
