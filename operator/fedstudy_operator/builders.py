@@ -24,7 +24,7 @@ from typing import Any, cast
 import kopf
 import yaml
 
-from fedstudy.spec import FederatedStudy, Site
+from fedstudy.spec import IMAGE_FORMATS, FederatedStudy, Site
 from fedstudy_operator.options import OperatorConfig, StudyOptions
 
 Manifest = dict[str, Any]
@@ -139,6 +139,14 @@ def data_mount_dir(site: Site) -> str | None:
     return posixpath.dirname(posixpath.normpath(posixpath.join(STUDY_DIR, site.data.path)))
 
 
+def data_labels_path(site: Site) -> str | None:
+    """An image site's labels CSV as the trainer resolves it (from the image folder)."""
+    if site.data.path is None or site.data.format not in IMAGE_FORMATS:
+        return None
+    folder = posixpath.normpath(posixpath.join(STUDY_DIR, site.data.path))
+    return posixpath.normpath(posixpath.join(folder, site.data.labels or "labels.csv"))
+
+
 def data_path_problems(study: FederatedStudy) -> list[str]:
     """Data paths that cannot be mounted in a pod (the root, or over the study's own mounts)."""
     problems = []
@@ -146,6 +154,13 @@ def data_path_problems(study: FederatedStudy) -> list[str]:
         d = data_mount_dir(site)
         if d is None:
             continue
+        labels = data_labels_path(site)
+        if labels is not None and not labels.startswith(d.rstrip("/") + "/"):
+            problems.append(
+                f"spec.sites[{i}].data.labels: {labels} lies outside the data directory {d} "
+                "that the trainer's pod mounts; keep the labels CSV in the image folder "
+                "(a path relative to it)"
+            )
         clash = [
             r
             for r in RESERVED_DIRS
