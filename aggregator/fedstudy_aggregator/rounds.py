@@ -370,9 +370,14 @@ class Coordinator:
             return None
         return (self.version or 0) + 1 if self.version is not None else 0
 
-    def _advance(self) -> None:
+    def _advance(self, wake_on_change: bool = False) -> None:
+        """Moves the state machine as far as the facts allow, then wakes the long polls.
+        ``wake_on_change``: wake them only if the phase, round or model version changed (an
+        accepted update that does not close the round gives no waiting site new work, and
+        waking hundreds of polls for each update costs more than the round itself)."""
         if self.phase == DONE:
             return
+        before = (self.phase, self.round, self.version)
         if self.model is None or self.version is None:
             self.phase = WAITING
         elif self.phase == WAITING:
@@ -389,7 +394,8 @@ class Coordinator:
             reported = [n for n in joined if self.sites[n].final_reported]
             if reported and len(reported) == len(joined):
                 self._finish(completed=True, reason=None)
-        self.cond.notify_all()
+        if not wake_on_change or (self.phase, self.round, self.version) != before:
+            self.cond.notify_all()
 
     def _open_round(self, r: int) -> None:
         assert self.model is not None
@@ -782,7 +788,7 @@ class Coordinator:
                     # arrays before the round may close, so that closing never holds them
                     # next to the new model.
                     del weights
-                    self._advance()
+                    self._advance(wake_on_change=True)
         except _Refusal as r:
             return self._refuse(h, r)
         except WireError as e:
