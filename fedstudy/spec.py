@@ -81,12 +81,34 @@ class Binarize(_Strict):
 class Task(_Strict):
     type: Literal["binary-classification"] = "binary-classification"
     label: str = Field(min_length=1)
-    metric: Literal["auc", "accuracy", "loss"] = "auc"
+    metric: Literal["auc", "auprc", "accuracy", "loss"] = "auc"
     binarize: Binarize | None = None
 
 
 # Models that read images (examples of shape (channels, height, width)).
 IMAGE_MODELS = ("cnn", "densenet121")
+# Models that read sequences (examples of shape (time steps, channels)).
+SEQUENCE_MODELS = ("gru", "lstm", "tcn")
+# Gradient-boosted trees, grown with XGBoost's federated mode rather than by gradient steps.
+TREE_MODELS = ("xgboost",)
+
+
+def _either(names: tuple[str, ...]) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+# The fields that belong to some models only, and the models they belong to.
+_MODEL_FIELDS: dict[str, tuple[str, ...]] = {
+    "hiddenSize": SEQUENCE_MODELS,
+    "layers": SEQUENCE_MODELS,
+    "kernelSize": ("tcn",),
+    "maxDepth": TREE_MODELS,
+    "learningRate": TREE_MODELS,
+    "minChildWeight": TREE_MODELS,
+    "regLambda": TREE_MODELS,
+    "maxBin": TREE_MODELS,
+}
 
 
 class Model(_Strict):
@@ -96,13 +118,30 @@ class Model(_Strict):
     2x2 max-pooling) per entry of ``channels``, then global average pooling and a linear layer.
     ``densenet121`` is MONAI's 2-D DenseNet-121. ``norm`` is their normalisation layer:
     ``auto`` is GroupNorm under DP-SGD (``spec.privacy``) and BatchNorm otherwise.
+
+    ``gru`` and ``lstm`` read sequences with ``layers`` recurrent layers of ``hiddenSize``
+    units (default 32 and 1); ``tcn`` with ``layers`` causal dilated 1-D convolutions
+    (dilations 1, 2, 4, ...) of ``hiddenSize`` channels and width ``kernelSize`` (default 32,
+    2 and 3). ``xgboost`` grows one tree of depth ``maxDepth`` (default 3) per round, with
+    XGBoost's ``learningRate`` (eta, default 0.3), ``minChildWeight`` (default 1),
+    ``regLambda`` (L2, default 1) and ``maxBin`` histogram bins (default 256).
     """
 
-    name: Literal["logistic-regression", "mlp", "cnn", "densenet121"]
+    name: Literal[
+        "logistic-regression", "mlp", "cnn", "densenet121", "gru", "lstm", "tcn", "xgboost"
+    ]
     hidden: list[PositiveInt] = Field(default_factory=list)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, strict=False)
     channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=list)
     norm: Literal["auto", "batch", "group", "none"] = "auto"
+    hiddenSize: int | None = Field(default=None, ge=1, le=4096)
+    layers: int | None = Field(default=None, ge=1, le=16)
+    kernelSize: int | None = Field(default=None, ge=2, le=64)
+    maxDepth: int | None = Field(default=None, ge=1, le=10)
+    learningRate: float | None = Field(default=None, gt=0, le=1, strict=False)
+    minChildWeight: float | None = Field(default=None, ge=0, strict=False)
+    regLambda: float | None = Field(default=None, ge=0, strict=False)
+    maxBin: int | None = Field(default=None, ge=2, le=4096)
 
     @model_validator(mode="after")
     def _hidden(self) -> Model:
@@ -138,6 +177,46 @@ class Model(_Strict):
         if self.name == "densenet121" and self.norm == "none":
             raise ValueError("densenet121 needs a normalisation layer: use norm batch or group")
         return self
+
+    @model_validator(mode="after")
+    def _sequence_and_tree_fields(self) -> Model:
+        for field, owners in _MODEL_FIELDS.items():
+            value = getattr(self, field)
+            if value is not None and self.name not in owners:
+                raise _FieldProblem(
+                    (field,),
+                    f"{value!r}: '{field}' belongs to {_either(owners)}; "
+                    f"{self.name} does not use it",
+                )
+        if self.name in SEQUENCE_MODELS and self.hidden:
+            raise _FieldProblem(
+                ("hidden",),
+                f"{self.name} takes no 'hidden' list ({self.hidden}); size it with "
+                "'hiddenSize' and 'layers'",
+            )
+        if self.name in TREE_MODELS:
+            for field, default in (("hidden", []), ("dropout", 0.0)):
+                if getattr(self, field) != default:
+                    raise _FieldProblem(
+                        (field,),
+                        f"{getattr(self, field)!r}: xgboost grows trees and has no {field}; "
+                        "remove it",
+                    )
+        return self
+
+    @property
+    def hidden_size(self) -> int:
+        return 32 if self.hiddenSize is None else self.hiddenSize
+
+    @property
+    def layer_count(self) -> int:
+        if self.layers is not None:
+            return self.layers
+        return 2 if self.name == "tcn" else 1
+
+    @property
+    def kernel_size(self) -> int:
+        return 3 if self.kernelSize is None else self.kernelSize
 
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed-mean"]
@@ -297,6 +376,56 @@ class ImagePreprocessing(_Strict):
     augment: Augment | None = None
 
 
+class SequencePreprocessing(_Strict):
+    """How every site turns a long-format table (one row per patient and time step) into
+    sequences; see docs/ehr.md.
+
+    ``idColumn`` names the patient, ``timeColumn`` orders a patient's rows (numbers, or
+    date-times). ``labels``: ``per-patient`` takes one label per patient (from a labels
+    table, ``sites[].data.labels``, or the label column, the same in all of a patient's
+    rows) and the patient's last ``window`` steps (all of them without ``window``);
+    ``early-warning`` reads the label column as 0 before an event and 1 from its onset, and
+    makes one example per time step (every ``stride`` steps) from the ``window`` steps up to
+    it, positive when the onset comes within the next ``horizon`` time units (hours for
+    date-times); steps from the onset on make no example.
+    """
+
+    idColumn: str = Field(min_length=1)
+    timeColumn: str = Field(min_length=1)
+    labels: Literal["per-patient", "early-warning"] = "per-patient"
+    window: int | None = Field(default=None, ge=1, le=100_000)
+    horizon: float | None = Field(default=None, gt=0, strict=False)
+    stride: int | None = Field(default=None, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _fields_of_labels(self) -> SequencePreprocessing:
+        if self.idColumn == self.timeColumn:
+            raise _FieldProblem(
+                ("timeColumn",),
+                f"{self.timeColumn!r} is also the idColumn; name the column of the times",
+            )
+        if self.labels == "early-warning":
+            for field, example in (("window", 12), ("horizon", 6)):
+                if getattr(self, field) is None:
+                    raise _FieldProblem(
+                        (field,),
+                        f"early-warning labels need '{field}' (e.g. {field}: {example})",
+                    )
+        else:
+            for field in ("horizon", "stride"):
+                if getattr(self, field) is not None:
+                    raise _FieldProblem(
+                        (field,),
+                        f"{getattr(self, field)!r}: '{field}' belongs to early-warning labels; "
+                        "per-patient labels make one example per patient",
+                    )
+        return self
+
+    @property
+    def step_stride(self) -> int:
+        return 1 if self.stride is None else self.stride
+
+
 class Preprocessing(_Strict):
     """How every site turns its table into features; the same at each site, so models align.
 
@@ -315,6 +444,7 @@ class Preprocessing(_Strict):
     splitSeed: int = Field(default=0, ge=0)
     stratify: bool = True
     image: ImagePreprocessing | None = None
+    sequence: SequencePreprocessing | None = None
 
     @field_validator("categorical")
     @classmethod
@@ -327,7 +457,9 @@ class Preprocessing(_Strict):
         return v
 
 
-BUILTIN_DATASETS = ("breast-cancer", "digits")
+BUILTIN_DATASETS = ("breast-cancer", "digits", "synthetic-sepsis")
+# Built-in datasets that are long-format tables of time steps (preprocessing.sequence).
+SEQUENCE_DATASETS = ("synthetic-sepsis",)
 # Data that are images: formats reading a folder, and built-in image datasets.
 IMAGE_FORMATS = ("images", "dicom")
 IMAGE_DATASETS = ("digits",)
@@ -361,7 +493,7 @@ class SiteData(_Strict):
     format: Literal["csv", "parquet", "builtin", "images", "dicom"]
     path: str | None = None
     header: bool = True
-    dataset: Literal["breast-cancer", "digits"] | None = None
+    dataset: Literal["breast-cancer", "digits", "synthetic-sepsis"] | None = None
     partition: Partition | None = None
     labels: str | None = Field(default=None, min_length=1)
     fileColumn: str = Field(default="file", min_length=1)
@@ -395,6 +527,8 @@ class SiteData(_Strict):
                 )
             return self
         defaults = {"labels": None, "fileColumn": "file", "skipBadFiles": False}
+        if self.format in ("csv", "parquet"):
+            del defaults["labels"]  # a per-patient labels table of sequence data
         for field, default in defaults.items():
             if getattr(self, field) != default:
                 raise ValueError(
@@ -529,6 +663,8 @@ class StudySpec(_Strict):
                 f"{self.minSites} is more than the {len(self.sites)} sites the study lists",
             )
         _check_image_study(self)
+        _check_sequence_study(self)
+        _check_tree_study(self)
         if self.serverPrivacy is not None and self.strategy.name in ("median", "trimmed-mean"):
             raise _FieldProblem(
                 ("serverPrivacy",),
@@ -587,6 +723,122 @@ def _check_image_study(spec: StudySpec) -> None:
         raise _FieldProblem(
             ("preprocessing", "image", "window"),
             "a window applies to DICOM files; no site has format dicom",
+        )
+
+
+def _check_sequence_study(spec: StudySpec) -> None:
+    """Sequence models read long-format tables (preprocessing.sequence), and only they do."""
+    model = spec.model
+    pre = spec.preprocessing
+    seq = pre.sequence
+    if model.name in SEQUENCE_MODELS and seq is None:
+        raise _FieldProblem(
+            ("preprocessing", "sequence"),
+            f"model {model.name} reads sequences: describe the long-format table here "
+            "(idColumn, timeColumn, labels, window)",
+        )
+    if seq is None:
+        for i, site in enumerate(spec.sites):
+            if site.data.format == "builtin" and site.data.dataset in SEQUENCE_DATASETS:
+                raise _FieldProblem(
+                    ("sites", i, "data", "dataset"),
+                    f"{site.data.dataset} is a long-format table of time steps: set "
+                    f"preprocessing.sequence and a sequence model ({', '.join(SEQUENCE_MODELS)})",
+                )
+            if site.data.format in ("csv", "parquet") and site.data.labels is not None:
+                raise _FieldProblem(
+                    ("sites", i, "data", "labels"),
+                    "a labels table belongs to per-patient sequences (preprocessing.sequence); "
+                    "a table's label is its task.label column",
+                )
+        return
+    if model.name not in SEQUENCE_MODELS:
+        raise _FieldProblem(
+            ("preprocessing", "sequence"),
+            f"sequences need a sequence model ({', '.join(SEQUENCE_MODELS)}); model "
+            f"{model.name} reads a table's rows",
+        )
+    for i, site in enumerate(spec.sites):
+        data = site.data
+        if data.format == "builtin" and data.dataset not in SEQUENCE_DATASETS:
+            raise _FieldProblem(
+                ("sites", i, "data", "dataset"),
+                f"{data.dataset} holds no time steps; sequences come from csv or parquet files "
+                f"or a built-in sequence dataset ({', '.join(SEQUENCE_DATASETS)})",
+            )
+        if data.labels is not None and seq.labels == "early-warning":
+            raise _FieldProblem(
+                ("sites", i, "data", "labels"),
+                "early-warning labels come from the label column of every time step; a labels "
+                "table holds one label per patient (labels: per-patient)",
+            )
+    for name in ("columns",):
+        value = getattr(pre, name)
+        if value is not None and (seq.idColumn not in value or seq.timeColumn not in value):
+            raise _FieldProblem(
+                ("preprocessing", name),
+                f"the declared columns must include idColumn {seq.idColumn!r} and timeColumn "
+                f"{seq.timeColumn!r}",
+            )
+    if pre.categorical:
+        raise _FieldProblem(
+            ("preprocessing", "categorical"),
+            "sequences take numeric columns only; code a categorical column as numbers or "
+            "drop it (preprocessing.drop)",
+        )
+    if pre.missing != Preprocessing.model_fields["missing"].default:
+        raise _FieldProblem(
+            ("preprocessing", "missing"),
+            f"{pre.missing!r}: sequences carry a patient's last value forward and mark every "
+            "missing cell in a mask channel; remove 'missing'",
+        )
+    for field in ("idColumn", "timeColumn"):
+        column = getattr(seq, field)
+        if column == spec.task.label:
+            raise _FieldProblem(
+                ("preprocessing", "sequence", field),
+                f"{column!r} is also the label column (task.label)",
+            )
+        if column in pre.drop:
+            raise _FieldProblem(
+                ("preprocessing", "drop"),
+                f"{column!r} is the sequence's {field}; it cannot be dropped",
+            )
+
+
+def _check_tree_study(spec: StudySpec) -> None:
+    """XGBoost's federated mode: every site in every round, no DP-SGD, no averaging choices."""
+    if spec.model.name not in TREE_MODELS:
+        return
+    if spec.privacy is not None:
+        raise _FieldProblem(
+            ("privacy",),
+            "DP-SGD clips and noises gradient steps; xgboost grows trees from the sites' "
+            "gradient histograms: remove spec.privacy",
+        )
+    if spec.serverPrivacy is not None:
+        raise _FieldProblem(
+            ("serverPrivacy",),
+            "server-side DP noises the sites' model changes; xgboost's trees are built "
+            "together, not averaged: remove spec.serverPrivacy",
+        )
+    if spec.strategy != Strategy():
+        raise _FieldProblem(
+            ("strategy",),
+            f"{spec.strategy.name!r}: xgboost's sites build every tree together (XGBoost's "
+            "federated mode), so there is nothing to average: remove spec.strategy",
+        )
+    if spec.training != Training():
+        raise _FieldProblem(
+            ("training",),
+            "xgboost takes its settings in spec.model (maxDepth, learningRate, "
+            "minChildWeight, regLambda, maxBin): remove spec.training",
+        )
+    if spec.minSites != len(spec.sites):
+        raise _FieldProblem(
+            ("minSites",),
+            f"{spec.minSites}: xgboost's federated mode needs every site in every round; "
+            f"set minSites to the number of sites, {len(spec.sites)}",
         )
 
 
@@ -752,6 +1004,15 @@ def resolve_labels_path(site: Site, base_dir: Path) -> Path | None:
     return p if p.is_absolute() else (folder / p)
 
 
+def resolve_patient_labels_path(site: Site, base_dir: Path) -> Path | None:
+    """The per-patient labels table of a sequence site (csv or parquet), relative paths taken
+    from the study file's folder, or None when the site has none."""
+    if site.data.labels is None or site.data.format not in ("csv", "parquet"):
+        return None
+    p = Path(site.data.labels).expanduser()
+    return p if p.is_absolute() else (base_dir / p)
+
+
 def check_local_files(
     study: FederatedStudy, base_dir: Path, sites: Iterable[str] | None = None
 ) -> None:
@@ -778,6 +1039,10 @@ def check_local_files(
             problems.append(f"spec.sites[{i}].data.path: no such file: {p}")
         elif not p.is_file():
             problems.append(f"spec.sites[{i}].data.path: not a regular file: {p}")
+        patient_labels = resolve_patient_labels_path(site, base_dir)
+        if patient_labels is not None and not patient_labels.is_file():
+            what = "no such file" if not patient_labels.exists() else "not a regular file"
+            problems.append(f"spec.sites[{i}].data.labels: {what}: {patient_labels}")
     if problems:
         raise StudyError(problems)
 

@@ -106,6 +106,10 @@ def load_site_data(study: FederatedStudy, site_name: str, base_dir: Path) -> Sit
         from fedstudy_trainer.imaging import load_image_site
 
         return load_image_site(spec, site, base_dir)
+    if spec.preprocessing.sequence is not None:
+        from fedstudy_trainer.sequences import load_sequence_site
+
+        return load_sequence_site(spec, site, base_dir)
     table, source = read_site_table(spec, site, base_dir)
     return preprocess(table, spec.preprocessing, spec.task, source)
 

@@ -14,8 +14,9 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from fedstudy.spec import IMAGE_MODELS, Model, StudySpec
+from fedstudy.spec import IMAGE_MODELS, SEQUENCE_MODELS, TREE_MODELS, Model, StudySpec
 from fedstudy_trainer.cnn import build_image_model
+from fedstudy_trainer.seqmodels import build_sequence_model
 
 Weights = dict[str, npt.NDArray[np.float32]]
 
@@ -66,6 +67,13 @@ def build_model(
         torch.manual_seed(seed)
         if model.name in IMAGE_MODELS:
             return build_image_model(model, dims, private)
+        if model.name in SEQUENCE_MODELS:
+            return build_sequence_model(model, dims, private)
+        if model.name in TREE_MODELS:
+            raise ValueError(
+                f"model {model.name} is grown by XGBoost (fedstudy_trainer.boosting), not "
+                "built as a torch module"
+            )
         if len(dims) != 1:
             raise ValueError(
                 f"model {model.name} takes a table's rows, not examples of shape {dims}"

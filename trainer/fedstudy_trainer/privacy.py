@@ -28,6 +28,7 @@ import torch
 from opacus.accountants import create_accountant  # type: ignore[import-untyped]
 from opacus.accountants.utils import get_noise_multiplier  # type: ignore[import-untyped]
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping  # type: ignore[import-untyped]
+from opacus.layers.dp_rnn import RNNLinear  # type: ignore[import-untyped]
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping  # type: ignore[import-untyped]
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping  # type: ignore[import-untyped]
 from opacus.validators import ModuleValidator  # type: ignore[import-untyped]
@@ -212,9 +213,16 @@ def check_model(model: nn.Module) -> None:
 
 
 def choose_mode(model: nn.Module) -> Mode:
-    """Ghost clipping when every layer holding parameters has a norm sampler, else hooks."""
+    """Ghost clipping when every layer holding parameters has a norm sampler, else hooks.
+
+    Opacus's recurrent layers (``DPGRU``, ``DPLSTM``) apply their linear layers
+    (``RNNLinear``) once per time step: a row's gradient is the sum over its steps, which the
+    per-sample gradient hooks compute and a linear layer's norm sampler does not, so such a
+    model always trains with hooks."""
     samplers = GradSampleModuleFastGradientClipping.NORM_SAMPLERS
     for sub in model.modules():
+        if isinstance(sub, RNNLinear):
+            return "hooks"
         if any(True for _ in sub.parameters(recurse=False)) and type(sub) not in samplers:
             return "hooks"
     return "ghost"

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 from torch.nn import functional
 
@@ -144,7 +144,8 @@ def train_local(
 def evaluate(
     model: nn.Module, x: FloatArray, y: FloatArray, runtime: Runtime = CPU
 ) -> dict[str, float]:
-    """Loss, accuracy (sigmoid > 0.5) and AUC; ``auc`` is left out when y has one class."""
+    """Loss, accuracy (sigmoid > 0.5), AUC and AUPRC; ``auc`` and ``auprc`` are left out
+    when y has one class."""
     model.to(runtime.device)
     model.eval()
     features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
@@ -163,8 +164,19 @@ def evaluate(
     truth = np.asarray(y, dtype=np.float64)
     metrics = {"loss": loss, "accuracy": float(((probs > 0.5) == (truth > 0.5)).mean())}
     if len(np.unique(truth)) == 2:
-        metrics["auc"] = float(roc_auc_score(truth, probs))
+        metrics.update(ranking_metrics(truth, probs))
     return metrics
+
+
+def ranking_metrics(
+    truth: npt.NDArray[np.float64], probs: npt.NDArray[np.float64]
+) -> dict[str, float]:
+    """AUC (area under the ROC curve) and AUPRC (area under the precision-recall curve, as
+    average precision), for labels of both classes."""
+    return {
+        "auc": float(roc_auc_score(truth, probs)),
+        "auprc": float(average_precision_score(truth, probs)),
+    }
 
 
 def local_baseline(
