@@ -65,6 +65,7 @@ def test_digits_example_end_to_end(tmp_path: Path) -> None:
         events = _trainer_events(out, name)
         [loaded] = [e for e in events if e["event"] == "data-loaded"]
         assert loaded["source"].startswith("builtin:digits (share")
+        assert loaded["input_shape"] == [1, 8, 8]
         [device] = [e for e in events if e["event"] == "device"]
         assert device["device"] in ("cpu", "cuda:0")
 

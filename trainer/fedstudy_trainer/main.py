@@ -120,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_samples=data.n_train,
         test_samples=data.n_test,
         features=data.n_features,
+        input_shape=list(data.input_shape),
     )
     if data.transform is not None:
         # The preprocessing as fitted here, for scoring new rows later (fedstudy predict).
