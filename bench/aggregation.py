@@ -30,6 +30,7 @@ import argparse
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,7 @@ from benchlib import (
     write_result,
 )
 
+from fedstudy.certs import issue_cert, make_ca
 from fedstudy.wire import aggregator_pb2_grpc as pb_grpc
 
 STUDY = "size"
@@ -97,26 +99,62 @@ def numpy_floor(params: int, sites: int, block: int = 1 << 22) -> float:
     return time.perf_counter() - started
 
 
-def _sink(port_file: Path) -> None:
-    """The receiving end of the raw loopback floor: reads until the sender closes."""
+def _tls_contexts(folder: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """Server and client contexts with mutual TLS, from a throwaway CA in ``folder``."""
+    ca_cert, ca_key = make_ca("loopback")
+    server = issue_cert("aggregator", ca_cert, ca_key, server=True, hosts=["127.0.0.1"])
+    client = issue_cert("site", ca_cert, ca_key)
+    (folder / "ca.crt").write_bytes(ca_cert)
+    for name, creds in (("server", server), ("client", client)):
+        (folder / f"{name}.crt").write_bytes(creds.cert)
+        (folder / f"{name}.key").write_bytes(creds.key)
+    srv = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(folder / "ca.crt"))
+    srv.load_cert_chain(folder / "server.crt", folder / "server.key")
+    srv.verify_mode = ssl.CERT_REQUIRED
+    cli = ssl.create_default_context(cafile=str(folder / "ca.crt"))
+    cli.load_cert_chain(folder / "client.crt", folder / "client.key")
+    return srv, cli
+
+
+def _sink(port_file: Path, tls_dir: Path | None = None) -> None:
+    """The receiving end of the loopback floors: reads until the sender closes (plain), or
+    the announced number of bytes (TLS), then answers one byte."""
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
         port_file.write_text(str(srv.getsockname()[1]))
         conn, _ = srv.accept()
+        if tls_dir is not None:
+            context = ssl.create_default_context(
+                ssl.Purpose.CLIENT_AUTH, cafile=str(tls_dir / "ca.crt")
+            )
+            context.load_cert_chain(tls_dir / "server.crt", tls_dir / "server.key")
+            context.verify_mode = ssl.CERT_REQUIRED
+            conn = context.wrap_socket(conn, server_side=True)
         with conn:
             buf = bytearray(CHUNK_BYTES)
             view = memoryview(buf)
-            while conn.recv_into(view):
-                pass
+            if tls_dir is None:
+                while conn.recv_into(view):
+                    pass
+            else:
+                left = int.from_bytes(conn.recv(8), "little")
+                while left > 0:
+                    left -= conn.recv_into(view, min(len(buf), left))
             conn.sendall(b"k")
 
 
-def raw_loopback_rate(nbytes: int) -> float:
-    """Bytes per second of a plain TCP stream over loopback to another process."""
+def raw_loopback_rate(nbytes: int, tls: bool = False) -> float:
+    """Bytes per second of one TCP stream over loopback to another process: plain, or with
+    mutual TLS (Python's ssl, OpenSSL) as the gRPC link has."""
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
-        sink = subprocess.Popen([sys.executable, __file__, "sink", str(port_file)])
+        cmd = [sys.executable, __file__, "sink", str(port_file)]
+        client_ctx = None
+        if tls:
+            _, client_ctx = _tls_contexts(Path(tmp))
+            cmd += ["--tls-dir", tmp]
+        sink = subprocess.Popen(cmd)
         try:
             deadline = time.monotonic() + 30
             while not port_file.exists() or not port_file.read_text():
@@ -125,14 +163,23 @@ def raw_loopback_rate(nbytes: int) -> float:
                 time.sleep(0.01)
             port = int(port_file.read_text())
             payload = memoryview(bytes(CHUNK_BYTES))
-            with socket.create_connection(("127.0.0.1", port)) as s:
+            raw = socket.create_connection(("127.0.0.1", port))
+            s = (
+                raw
+                if client_ctx is None
+                else client_ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+            )
+            with s:
+                if tls:
+                    s.sendall(nbytes.to_bytes(8, "little"))
                 started = time.perf_counter()
                 sent = 0
                 while sent < nbytes:
                     n = min(CHUNK_BYTES, nbytes - sent)
                     s.sendall(payload[:n])
                     sent += n
-                s.shutdown(socket.SHUT_WR)
+                if not tls:
+                    s.shutdown(socket.SHUT_WR)
                 s.recv(1)
                 seconds = time.perf_counter() - started
         finally:
@@ -303,6 +350,7 @@ def main() -> int:
     site.add_argument("--seed", type=int, required=True)
     sink = sub.add_parser("sink")
     sink.add_argument("port_file", type=Path)
+    sink.add_argument("--tls-dir", type=Path)
     ap.add_argument("--params", nargs="+", default=["1M", "25M", "100M", "500M"])
     ap.add_argument("--sites", nargs="+", type=int, default=[2, 4, 8, 16])
     ap.add_argument("--rounds", type=int, default=3)
@@ -327,7 +375,7 @@ def main() -> int:
         _site_main(args)
         return 0
     if args.mode == "sink":
-        _sink(args.port_file)
+        _sink(args.port_file, args.tls_dir)
         return 0
 
     info = machine()
@@ -342,6 +390,7 @@ def main() -> int:
             model_bytes = model_layout(params)
             mb = sum(s.nbytes for s in model_bytes)
             rate = raw_loopback_rate(min(4 * mb, 2 << 30))
+            tls_rate = raw_loopback_rate(min(4 * mb, 2 << 30), tls=True)
             raw_rates[params] = rate
             for n in args.sites:
                 if 2 * n * mb > args.max_site_bytes:
@@ -353,6 +402,8 @@ def main() -> int:
                 case["numpy_floor_s"] = numpy_floor(params, n)
                 case["raw_loopback_Bps"] = rate
                 case["raw_floor_s"] = case["transfer_bytes_per_round"] / rate
+                case["tls_loopback_Bps"] = tls_rate
+                case["tls_floor_s"] = case["transfer_bytes_per_round"] / tls_rate
                 cases.append(case)
                 print(
                     f"{p_text:>5} params x {n:2d} sites: round {case['round_s']:.2f} s "
@@ -396,6 +447,10 @@ def main() -> int:
                 f"{c['transfer_rate_Bps'] / 2**20:,.0f}",
                 f"{c['raw_loopback_Bps'] / 2**20:,.0f}",
                 f"{c['transfer_rate_Bps'] / c['raw_loopback_Bps']:.2f}",
+                f"{c['tls_loopback_Bps'] / 2**20:,.0f}" if "tls_loopback_Bps" in c else "-",
+                f"{c['transfer_rate_Bps'] / c['tls_loopback_Bps']:.2f}"
+                if "tls_loopback_Bps" in c
+                else "-",
                 f"{c['idle_rss'] / 2**20:,.0f}",
                 f"{c['peak_rss'] / 2**20:,.0f}",
                 f"{c['peak_over_model']:.2f}",
@@ -414,6 +469,8 @@ def main() -> int:
                 "MiB/s",
                 "raw MiB/s",
                 "of raw",
+                "TLS MiB/s",
+                "of TLS",
                 "idle MiB",
                 "peak MiB",
                 "x model",

@@ -386,8 +386,20 @@ class LightSite:
         self.join()
         req = pb.TaskRequest(study=self.study, site=self.name, wait_seconds=wait)
         kinds = pb.TaskResponse
+        reported = False
         while True:
-            task = self.stub.GetTask(req, timeout=wait + 600)
+            try:
+                task = self.stub.GetTask(req, timeout=wait + 600)
+            except grpc.RpcError as e:
+                # Once done, the aggregator waits a few seconds for every site to hear it,
+                # then exits: a site that asks later finds no one there.
+                if (
+                    reported
+                    and isinstance(e, grpc.Call)
+                    and e.code() == grpc.StatusCode.UNAVAILABLE
+                ):
+                    return
+                raise
             if task.kind == kinds.DONE:
                 return
             if task.kind == kinds.INIT:
@@ -407,5 +419,6 @@ class LightSite:
                     ),
                     timeout=600,
                 )
+                reported = True
             elif task.kind == kinds.REJOIN:
                 self.join()

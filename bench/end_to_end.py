@@ -93,6 +93,7 @@ def last_json(text: str) -> dict[str, Any]:
 
 def run_fedstudy(study: Path, work: Path) -> dict[str, Any]:
     out = work / "fedstudy-out"
+    launched = time.time()
     seconds, _ = timed(
         [sys.executable, "-m", "fedstudy", "run", str(study), "--out", str(out), "--progress",
          "plain"]
@@ -105,9 +106,16 @@ def run_fedstudy(study: Path, work: Path) -> dict[str, Any]:
     ]
     opens = [e["ts"] for e in events if e["event"] == "round-open"]
     closes = [e["ts"] for e in events if e["event"] == "round-complete"]
+    first = {e["event"]: e["ts"] for e in reversed(events)}
     return {
         "process_s": seconds,
         "rounds_s": closes[-1] - opens[0] if opens and closes else None,
+        # Where the rest goes: launch to the aggregator listening, to the first round (the
+        # trainers start, import, read their data and join), and after the last round (final
+        # reports, processes exiting, the engine's report.md).
+        "to_aggregator_listening_s": first["listening"] - launched,
+        "to_first_round_s": opens[0] - launched if opens else None,
+        "after_last_round_s": launched + seconds - closes[-1] if closes else None,
         "mean_accuracy": summary["global"]["site_mean"]["accuracy"],
     }
 
@@ -178,6 +186,9 @@ def main() -> int:
     summary: dict[str, Any] = {
         "fedstudy_s": fed,
         "fedstudy_rounds_s": med("fedstudy", "rounds_s"),
+        "fedstudy_to_aggregator_listening_s": med("fedstudy", "to_aggregator_listening_s"),
+        "fedstudy_to_first_round_s": med("fedstudy", "to_first_round_s"),
+        "fedstudy_after_last_round_s": med("fedstudy", "after_last_round_s"),
         "floor_s": floor,
         "floor_fedavg_s": med("floor", "fedavg_s"),
         "startup_s": startup,
@@ -200,6 +211,12 @@ def main() -> int:
         rows.insert(1, ["Flower 1.42 run_simulation", summary["flower_s"],
                         summary["flower_inside_s"], summary["flower_accuracy"]])  # fmt: skip
     print(table(["system", "median process s", "inner s", "mean accuracy"], rows))
+    print(
+        f"fedstudy run: {summary['fedstudy_to_aggregator_listening_s']:.2f} s to the aggregator "
+        f"listening, {summary['fedstudy_to_first_round_s']:.2f} s to round 1, "
+        f"{summary['fedstudy_rounds_s']:.2f} s of rounds, "
+        f"{summary['fedstudy_after_last_round_s']:.2f} s after the last round"
+    )
     print(
         f"fedstudy / (floor + start-up) = {summary['fedstudy_over_floor_plus_startup']:.2f}"
         + (f"; Flower / fedstudy = {summary['flower_over_fedstudy']:.2f}" if flower else "")
