@@ -40,6 +40,8 @@ CHUNK_BYTES = 1 << 20
 # A large model is cut into tensors of this many float32 values at most (a 4096 x 4096
 # layer, 64 MiB), as a big network's weight matrices are.
 TENSOR_PARAMS = 4096 * 4096
+# What a call sees when the aggregator has stopped (or is stopping) after the study.
+GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 # ----------------------------------------------------------------------------- machine

@@ -482,7 +482,6 @@ class Coordinator:
         self.completed = completed
         self.ended_reason = reason
         self.round = None
-        self.done_at = self.clock()
         self._audit_write(
             "study end",
             lambda: self.audit.study_end(
@@ -506,6 +505,9 @@ class Coordinator:
         )
         self._write_outputs(final=True)
         self._checkpoint_state()
+        # The linger for the sites to hear DONE starts now: writing a large model's outputs
+        # may take longer than the linger itself.
+        self.done_at = self.clock()
         event(
             self.log,
             "study-done",
