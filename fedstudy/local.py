@@ -382,6 +382,9 @@ def run_study(
                     "10",
                     "--tls-dir",
                     str(tls_dirs["aggregator"]),
+                    # An xgboost study's tracker: a free port (endpoint.json says which).
+                    "--boosting-port",
+                    "0",
                 ],
             )
             ep = _wait_endpoint(agg_state / "endpoint.json", agg, STARTUP_TIMEOUT_S)
@@ -400,6 +403,7 @@ def run_study(
                         str(out / "state" / "sites" / site.name),
                         "--tls-dir",
                         str(tls_dirs[site.name]),
+                        *(["--boosting-tracker", str(ep["boosting"])] if "boosting" in ep else []),
                     ],
                 )
             with Progress(study, progress, console) as prog:

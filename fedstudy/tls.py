@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,18 @@ def credentials_from_args(args: argparse.Namespace, name: str) -> Credentials | 
     return load_credentials(args.tls_dir, name)
 
 
-def load_credentials(directory: Path, name: str) -> Credentials:
-    """Reads ``NAME.crt``/``NAME.key`` (or ``tls.crt``/``tls.key``) and ``ca.crt``."""
+@dataclass(frozen=True)
+class CredentialFiles:
+    """Where a certificate, its key and the study's CA are (for libraries that read files,
+    such as XGBoost's federated mode)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def credential_files(directory: Path, name: str) -> CredentialFiles:
+    """Finds ``NAME.crt``/``NAME.key`` (or ``tls.crt``/``tls.key``) and ``ca.crt``."""
     for stem in (name, "tls"):
         cert, key = directory / f"{stem}.crt", directory / f"{stem}.key"
         if cert.is_file() and key.is_file():
@@ -68,8 +79,14 @@ def load_credentials(directory: Path, name: str) -> Credentials:
     ca = directory / CA_CERT
     if not ca.is_file():
         raise TlsError(f"no {CA_CERT} in {directory}: copy the study's CA certificate there")
+    return CredentialFiles(cert, key, ca)
+
+
+def load_credentials(directory: Path, name: str) -> Credentials:
+    """Reads ``NAME.crt``/``NAME.key`` (or ``tls.crt``/``tls.key``) and ``ca.crt``."""
+    files = credential_files(directory, name)
     try:
-        return Credentials(cert.read_bytes(), key.read_bytes(), ca.read_bytes())
+        return Credentials(files.cert.read_bytes(), files.key.read_bytes(), files.ca.read_bytes())
     except OSError as e:
         raise TlsError(f"cannot read the certificates in {directory}: {e.strerror}") from None
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up .venv from a fresh clone: Python packages pinned by constraints.txt (torch 2.13.0,
-# CPU build), fedstudy itself in editable mode with the trainer, dev, operator, report, imaging
-# and export extras, kubectl and helm in .tools/bin (scripts/k8s-tools.sh) for the operator's
+# CPU build), fedstudy itself in editable mode with the trainer, dev, operator, report, imaging,
+# export and boosting extras, kubectl and helm in .tools/bin (scripts/k8s-tools.sh) for the operator's
 # tests, and the Debian package prometheus (prometheus and promtool) for the observability tests.
 # Idempotent: a second run with unchanged pins returns at once.
 set -euo pipefail
@@ -40,7 +40,7 @@ echo "setting up $venv ..."
 # torch first and alone: with the pin it comes from the CPU wheel, never a CUDA build.
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt torch
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt \
-  -e ".[trainer,dev,operator,report,imaging,export]"
+  -e ".[trainer,dev,operator,report,imaging,export,boosting]"
 echo "$want" > "$stamp"
 scripts/k8s-tools.sh
 echo "set up: $("$venv/bin/fedstudy" --version), torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)')"

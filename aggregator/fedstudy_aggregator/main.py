@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -19,9 +20,11 @@ from types import FrameType
 
 from fedstudy import tls
 from fedstudy.audit import AuditError
+from fedstudy.boosting import DEFAULT_TRACKER_PORT
 from fedstudy.logs import event, setup
-from fedstudy.spec import StudyError, check_irb, load_study
+from fedstudy.spec import TREE_MODELS, StudyError, check_irb, load_study
 
+from .boosting import BoostingTracker
 from .checkpoint import CheckpointError
 from .server import AggregatorServer, BindError, split_address
 
@@ -42,6 +45,12 @@ def _seconds(value: str) -> float:
     if s < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
     return s
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0 to 65535)")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls.add_arguments(p, "aggregator")
     p.add_argument(
+        "--boosting-port",
+        type=_port,
+        default=DEFAULT_TRACKER_PORT,
+        help="an xgboost study's XGBoost federated tracker listens on this port, on every "
+        f"interface; 0 picks a free one (default {DEFAULT_TRACKER_PORT})",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -112,6 +128,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except tls.TlsError as e:
         print(f"fedstudy aggregator: {e}", file=sys.stderr)
         return 2
+    boosting = None
+    if study.spec.model.name in TREE_MODELS:
+        files = None if creds is None else tls.credential_files(args.tls_dir, "aggregator")
+        boosting = BoostingTracker(
+            len(study.spec.sites),
+            args.boosting_port,
+            files,
+            log,
+            timeout_s=max(1, math.ceil(study.spec.roundTimeoutSeconds)),
+        )
     stop = threading.Event()
     received: list[int] = []
 
@@ -130,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log=log,
             linger=args.linger,
             tls=creds,
+            boosting=boosting,
         )
         server.start()
     except (CheckpointError, AuditError, BindError, OSError) as e:

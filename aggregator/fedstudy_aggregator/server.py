@@ -20,6 +20,7 @@ from fedstudy.spec import FederatedStudy
 from fedstudy.tls import server_credentials
 from fedstudy.wire import aggregator_pb2_grpc as pb_grpc
 
+from .boosting import BoostingTracker, TrackerError
 from .rounds import Coordinator
 from .service import AggregatorService
 from .web import HttpServer
@@ -75,6 +76,7 @@ class AggregatorServer:
         linger: float = 5.0,
         tick_seconds: float = 0.05,
         tls: Credentials | None = None,
+        boosting: BoostingTracker | None = None,
     ) -> None:
         self.log = log or logging.getLogger("aggregator")
         self.state_dir = state_dir
@@ -83,6 +85,7 @@ class AggregatorServer:
         self.linger = linger
         self.tick_seconds = tick_seconds
         self.tls = tls
+        self.boosting = boosting
         limit_malloc_arenas()
         self.coord = Coordinator(study, state_dir, out_dir or state_dir, self.log)
         workers = 2 * len(study.spec.sites) + 8
@@ -117,6 +120,12 @@ class AggregatorServer:
             )
         except OSError as e:
             raise BindError(f"cannot listen for HTTP on {self.http_addr}: {e.strerror}") from None
+        boosting_port = None
+        if self.boosting is not None:
+            try:
+                boosting_port = self.boosting.start()
+            except TrackerError as e:
+                raise BindError(str(e)) from None
         self._grpc.start()
         self._http.start()
         self._timer.start()
@@ -125,6 +134,9 @@ class AggregatorServer:
             "http": f"{public_host(hhost)}:{self._http.port}",
             "pid": os.getpid(),
         }
+        if boosting_port is not None:
+            # XGBoost's tracker listens on every interface (0.0.0.0).
+            self.endpoint["boosting"] = f"{public_host('0.0.0.0')}:{boosting_port}"
         atomic_write_json(self.state_dir / ENDPOINT_FILE, self.endpoint)
         event(
             self.log,
@@ -160,3 +172,5 @@ class AggregatorServer:
             self._http.stop()
         if self._timer.is_alive():
             self._timer.join(timeout=5)
+        if self.boosting is not None:
+            self.boosting.stop()

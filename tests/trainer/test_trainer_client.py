@@ -71,8 +71,8 @@ def test_a_whole_study(tmp_path: Path, serve: Any, events: EventLog) -> None:
         (pb.ReportRequest.FINAL, ROUNDS)
     ]
     final = fake.reports[-1]
-    assert set(final.metrics) == {"loss", "auc", "accuracy"}
-    assert set(final.local_only_metrics) == {"loss", "auc", "accuracy"}
+    assert set(final.metrics) == {"loss", "auc", "auprc", "accuracy"}
+    assert set(final.local_only_metrics) == {"loss", "auc", "auprc", "accuracy"}
     assert all(r.test_samples == join.test_samples for r in fake.reports)
 
     state = json.loads((tmp_path / "state" / "trainer.json").read_text())

@@ -180,6 +180,6 @@ def test_local_baseline_trains_rounds_times_local_steps(step_counter: list[int])
     data = load_site_data(study, "site-0", Path("/"))
     metrics = local_baseline(study.spec, "site-0", data)
     assert len(step_counter) == 21
-    assert set(metrics) == {"loss", "accuracy", "auc"}
+    assert set(metrics) == {"loss", "accuracy", "auc", "auprc"}
     assert metrics["auc"] > 0.9
     assert local_baseline(study.spec, "site-0", data) == metrics

@@ -160,9 +160,7 @@ class SiteTrainer:
         self.backoff = backoff or Backoff(connect_timeout)
         self.runtime = runtime or self._runtime()
         logs.event(self.log, "device", **self.runtime.describe())
-        self.model = build_study_model(self.spec, data.input_shape).to(self.runtime.device)
-        self.augment = make_augmenter(self.spec, data.input_shape, self.runtime.device)
-        self.initial_weights = get_weights(self.model)
+        self.initial_weights = self._init_model()
         self.signature = signature(self.initial_weights)
         self.state: dict[str, Any] = self._load_state()
         self._baseline: dict[str, float] | None = None
@@ -172,6 +170,13 @@ class SiteTrainer:
                 self.spec, study.name, site, data.n_train, self.model, state_dir
             )
             logs.event(self.log, "privacy", **self.privacy.describe())
+
+    def _init_model(self) -> Weights:
+        """Builds the study's model (and the augmentation of its batches); returns its initial
+        weights."""
+        self.model = build_study_model(self.spec, self.data.input_shape).to(self.runtime.device)
+        self.augment = make_augmenter(self.spec, self.data.input_shape, self.runtime.device)
+        return get_weights(self.model)
 
     def _runtime(self) -> Runtime:
         """The site's device; a DeviceError naming the field when this machine lacks it."""
@@ -301,6 +306,10 @@ class SiteTrainer:
                 error=str(e),
             )
             raise TaskAbandoned(f"model version {version}: {e}") from None
+        self._use_global(version, weights)
+
+    def _use_global(self, version: int, weights: WireWeights) -> None:
+        """Takes global model ``version`` as the model to evaluate and train from."""
         set_weights(self.model, weights)
 
     def _report(
@@ -408,19 +417,7 @@ class SiteTrainer:
             )
         self._download(version)
         self._report(pb.ReportRequest.EVALUATION, version, self._with_privacy(version))
-        if self.privacy is not None:
-            result = self._train_private(round_, task.proximal_mu)
-        else:
-            result = train_local(
-                self.model,
-                self.data.X_train,
-                self.data.y_train,
-                self.spec.training,
-                proximal_mu=task.proximal_mu,
-                seed=derive_seed(self.spec.seed, self.site, round_),
-                runtime=self.runtime,
-                augment=self.augment,
-            )
+        result = self._train_round(round_, task.proximal_mu)
         logs.event(
             self.log,
             "round-trained",
@@ -437,7 +434,26 @@ class SiteTrainer:
         )
         # Under DP the training loss stays here: it is computed from the private rows.
         sent_loss = result.loss if self.privacy is None else math.nan
-        self._submit(round_, version, get_weights(self.model), sent_loss)
+        self._submit(round_, version, self._trained_weights(), sent_loss)
+
+    def _train_round(self, round_: int, proximal_mu: float) -> TrainResult:
+        """Trains round ``round_`` from the global model, in place."""
+        if self.privacy is not None:
+            return self._train_private(round_, proximal_mu)
+        return train_local(
+            self.model,
+            self.data.X_train,
+            self.data.y_train,
+            self.spec.training,
+            proximal_mu=proximal_mu,
+            seed=derive_seed(self.spec.seed, self.site, round_),
+            runtime=self.runtime,
+            augment=self.augment,
+        )
+
+    def _trained_weights(self) -> Weights:
+        """The weights to send after a round."""
+        return get_weights(self.model)
 
     def _with_privacy(self, version: int) -> dict[str, float]:
         """The evaluation of ``version``, with the ε spent so far (and δ) under DP."""
@@ -478,9 +494,7 @@ class SiteTrainer:
         if self.spec.localBaseline and self.privacy is None:
             if self._baseline is None:
                 started = time.perf_counter()
-                self._baseline = local_baseline(
-                    self.spec, self.site, self.data, self.runtime, self.augment
-                )
+                self._baseline = self._local_baseline()
                 logs.event(
                     self.log,
                     "local-baseline",
@@ -491,6 +505,10 @@ class SiteTrainer:
             local_only = self._baseline
         self._report(pb.ReportRequest.FINAL, version, metrics, local_only)
         self._save_state(finished_version=version)
+
+    def _local_baseline(self) -> dict[str, float]:
+        """The metrics of a model trained on this site's data alone, with the same budget."""
+        return local_baseline(self.spec, self.site, self.data, self.runtime, self.augment)
 
     def run(self) -> int:
         """Joins and follows the aggregator's tasks until DONE. Returns the exit code."""

@@ -1,23 +1,27 @@
 """``fedstudy trainer``: one site's trainer process. It dials out to the aggregator.
 
-Exit codes: 0 the study is done; 2 the study, the data or the join was refused (the message
-says why); 3 the aggregator could not be reached for ``--connect-timeout`` seconds;
-130 interrupted.
+Exit codes: 0 the study is done; 1 XGBoost's federated training failed (an xgboost study);
+2 the study, the data or the join was refused (the message says why); 3 the aggregator could
+not be reached for ``--connect-timeout`` seconds; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import torch
 
 from fedstudy import logs, tls
-from fedstudy.spec import StudyError, load_study
+from fedstudy.boosting import default_tracker_address
+from fedstudy.spec import TREE_MODELS, FederatedStudy, StudyError, load_study
 from fedstudy.wire import aggregator_pb2_grpc
+from fedstudy_trainer.boosting import BoostingError, BoostingSiteTrainer, TrackerLink
 from fedstudy_trainer.client import (
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
@@ -25,12 +29,13 @@ from fedstudy_trainer.client import (
     JoinRefused,
     SiteTrainer,
 )
-from fedstudy_trainer.data import DataError, load_site_data
+from fedstudy_trainer.data import DataError, SiteDataset, load_site_data
 from fedstudy_trainer.features import PREPROCESSING_FILE, write_preprocessing
 from fedstudy_trainer.privacy import PrivacyError
 from fedstudy_trainer.runtime import DeviceError
 
 COMPONENT = "fedstudy.trainer"
+EXIT_BOOSTING_FAILED = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the aggregator's certificate for this name instead of ADDR's host",
     )
     parser.add_argument(
+        "--boosting-tracker",
+        metavar="ADDR",
+        help="an xgboost study's XGBoost federated tracker, host:port (default: ADDR's host, "
+        "port 7701)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -86,6 +97,31 @@ def _fail(log: logging.Logger, event: str, message: str, code: int, **fields: ob
     logs.event(log, event, logging.ERROR, error=message, exit_code=code, **fields)
     print(f"fedstudy trainer: {message}", file=sys.stderr)
     return code
+
+
+def _trainer(
+    args: argparse.Namespace,
+    study: FederatedStudy,
+    site: str,
+    data: SiteDataset,
+    channel: grpc.Channel,
+    log: logging.Logger,
+) -> SiteTrainer:
+    """The site's trainer: an XGBoost worker for an xgboost study, else the SGD trainer."""
+    stub = aggregator_pb2_grpc.AggregatorStub(channel)
+    state_dir = Path(args.state_dir)
+    options = {"connect_timeout": args.connect_timeout, "wait_seconds": args.wait_seconds}
+    if study.spec.model.name not in TREE_MODELS:
+        return SiteTrainer(study, site, data, stub, state_dir, log, **options)
+    names = [s.name for s in study.spec.sites]
+    link = TrackerLink(
+        address=args.boosting_tracker or default_tracker_address(args.aggregator),
+        world=len(names),
+        rank=names.index(site),
+        tls=None if args.insecure else tls.credential_files(args.tls_dir, site),
+        timeout_s=max(1, math.ceil(study.spec.roundTimeoutSeconds)),
+    )
+    return BoostingSiteTrainer(study, site, data, stub, state_dir, log, tracker=link, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,16 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(log, "tls-invalid", str(e), EXIT_REFUSED)
     channel = tls.open_channel(args.aggregator, creds, args.server_name)
     try:
-        trainer = SiteTrainer(
-            study,
-            site.name,
-            data,
-            aggregator_pb2_grpc.AggregatorStub(channel),
-            Path(args.state_dir),
-            log,
-            connect_timeout=args.connect_timeout,
-            wait_seconds=args.wait_seconds,
-        )
+        trainer = _trainer(args, study, site.name, data, channel, log)
         return trainer.run()
     except JoinRefused as e:
         return _fail(log, "join-refused", str(e), EXIT_REFUSED, reason=e.reason)
@@ -157,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(log, "privacy-invalid", str(e), EXIT_REFUSED)
     except DeviceError as e:
         return _fail(log, "device-invalid", str(e), EXIT_REFUSED)
+    except BoostingError as e:
+        return _fail(log, "boosting-failed", str(e), EXIT_BOOSTING_FAILED)
     except GaveUp as e:
         return _fail(log, "gave-up", str(e), EXIT_UNREACHABLE, aggregator=args.aggregator)
     except KeyboardInterrupt:

@@ -86,7 +86,7 @@ def _only_torch_names(owner: nn.Module, attribute: str) -> None:
             if prefix + new in state and prefix + old not in state:
                 state[prefix + old] = state[prefix + new]
 
-    owner.register_state_dict_post_hook(drop)
+    owner.register_state_dict_post_hook(drop)  # type: ignore[no-untyped-call]
     rnn.register_load_state_dict_pre_hook(restore)
 
 
