@@ -151,6 +151,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, help="override the example's 15 rounds (smoke runs)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchlib import finish_machine, machine
+
+    info = machine()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.strategies:
@@ -207,6 +211,8 @@ def main() -> int:
         "published_worst": PUBLISHED_LOCAL_WORST,
     }
     results["baseline_runs"] = base
+    results["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    results["machine"] = finish_machine(info)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -34,7 +34,7 @@ def run_bench(script: str, *args: str, tmp: Path, timeout: float = 120) -> dict[
     )
     assert r.returncode == 0, f"{script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     result: dict[str, Any] = json.loads(out.read_text())
-    assert result.get("machine", {}).get("load_before") is not None or script == "quality.py"
+    assert result["machine"]["load_before"] is not None
     return result
 
 
@@ -105,6 +105,7 @@ def test_quality_at_its_smallest_size(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert result["machine"]["load_before"] is not None
     assert set(result["local_only"]["per_site"]) == {"cleveland", "hungarian", "switzerland", "va"}
     assert 0.0 <= result["pooled"]["mean_accuracy"] <= 1.0
     assert len(result["fedavg"]["runs"]) == 1
