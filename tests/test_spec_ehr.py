@@ -75,7 +75,7 @@ def test_the_base_documents_are_valid() -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["sepsis-early-warning.yaml", "heart-disease-xgboost.yaml"],
+    ["sepsis-early-warning.yaml", "sepsis-early-warning-dp.yaml", "heart-disease-xgboost.yaml"],
 )
 def test_the_examples_are_valid(path: str) -> None:
     load_study(ROOT / "examples" / path)

@@ -420,6 +420,9 @@ class BoostingSiteTrainer(SiteTrainer):
         forest = local_forest(self.spec, self.data)
         return margin_metrics(forest_margin(forest, self.data.X_test), self.data.y_test)
 
+    def _baseline_steps(self) -> int:
+        return self.spec.rounds  # trees
+
     def run(self) -> int:
         try:
             return super().run()

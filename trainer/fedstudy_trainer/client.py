@@ -499,7 +499,7 @@ class SiteTrainer:
                     self.log,
                     "local-baseline",
                     metrics=finite(self._baseline),
-                    steps=self.spec.rounds * self.spec.training.localSteps,
+                    steps=self._baseline_steps(),
                     seconds=round(time.perf_counter() - started, 3),
                 )
             local_only = self._baseline
@@ -509,6 +509,9 @@ class SiteTrainer:
     def _local_baseline(self) -> dict[str, float]:
         """The metrics of a model trained on this site's data alone, with the same budget."""
         return local_baseline(self.spec, self.site, self.data, self.runtime, self.augment)
+
+    def _baseline_steps(self) -> int:
+        return self.spec.rounds * self.spec.training.localSteps
 
     def run(self) -> int:
         """Joins and follows the aggregator's tasks until DONE. Returns the exit code."""
