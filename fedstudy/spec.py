@@ -772,14 +772,13 @@ def _check_sequence_study(spec: StudySpec) -> None:
                 "early-warning labels come from the label column of every time step; a labels "
                 "table holds one label per patient (labels: per-patient)",
             )
-    for name in ("columns",):
-        value = getattr(pre, name)
-        if value is not None and (seq.idColumn not in value or seq.timeColumn not in value):
-            raise _FieldProblem(
-                ("preprocessing", name),
-                f"the declared columns must include idColumn {seq.idColumn!r} and timeColumn "
-                f"{seq.timeColumn!r}",
-            )
+    columns = pre.columns
+    if columns is not None and (seq.idColumn not in columns or seq.timeColumn not in columns):
+        raise _FieldProblem(
+            ("preprocessing", "columns"),
+            f"the declared columns must include idColumn {seq.idColumn!r} and timeColumn "
+            f"{seq.timeColumn!r}",
+        )
     if pre.categorical:
         raise _FieldProblem(
             ("preprocessing", "categorical"),

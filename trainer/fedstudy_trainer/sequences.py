@@ -395,17 +395,15 @@ def build_sequences(
         centre, scale = means, np.where(np.isfinite(stds) & (stds > 0), stds, 1.0)
 
     channels = 2 * len(measurements)
-    steps: list[npt.NDArray[np.float32]] = []
-    for i in range(len(patients.ids)):
-        cells = values[patients.rows(i)]
-        mask = ~np.isnan(cells)
-        filled = pd.DataFrame(cells).ffill().to_numpy()
-        filled = np.where(np.isnan(filled), means, filled)
-        scaled = (filled - centre) / scale
-        steps.append(np.concatenate([scaled, mask], axis=1).astype(np.float32))
+    # Each patient's last observed value carried forward, never across patients.
+    owner = np.repeat(np.arange(len(patients.ids)), np.diff(np.r_[patients.starts, len(values)]))
+    filled = pd.DataFrame(values).groupby(owner).ffill().to_numpy(dtype=np.float64)
+    filled = np.where(np.isnan(filled), means, filled)
+    steps = np.concatenate([(filled - centre) / scale, ~np.isnan(values)], axis=1)
+    steps = steps.astype(np.float32)
 
-    lengths = [len(s) for s in steps]
-    window = seq.window if seq.window is not None else max(lengths)
+    lengths = np.diff(np.r_[patients.starts, len(values)])
+    window = seq.window if seq.window is not None else int(lengths.max())
     split_of = np.full(len(patients.ids), -1)
     split_of[train] = 0
     split_of[test] = 1
@@ -416,7 +414,9 @@ def build_sequences(
     for i, pid in enumerate(patients.ids):
         part = int(split_of[i])
         t = patients.times[patients.rows(i)]
-        padded = np.concatenate([np.zeros((window - 1, channels), np.float32), steps[i]])
+        padded = np.concatenate(
+            [np.zeros((window - 1, channels), np.float32), steps[patients.rows(i)]]
+        )
         views = sliding_window_view(padded, (window, channels))[:, 0]  # one per last step
         if step_labels is None:
             chosen = np.array([len(t) - 1])
