@@ -187,6 +187,11 @@ SEQUENCE_CASES = [
         "time step; a labels table holds one label per patient (labels: per-patient)",
     ),
     (
+        set_in("preprocessing.columns", ["patient_id", "sepsis", "heart_rate"]),
+        "spec.preprocessing.columns: the declared columns must include idColumn 'patient_id' "
+        "and timeColumn 'hour'",
+    ),
+    (
         set_in("task.metric", "f1"),
         "spec.task.metric: Input should be 'auc', 'auprc', 'accuracy' or 'loss', got 'f1'",
     ),
