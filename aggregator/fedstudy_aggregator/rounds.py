@@ -58,7 +58,8 @@ DONE = "done"
 
 STREAM_MARGIN_BYTES = 1 << 20
 # Refusals for what an update holds (not for when or how it came): the site's answer for the
-# round is in, and refused; the round does not wait for it, nor ask it to train again.
+# round is in, and refused; the round does not wait for it, nor ask it to train again. A stream
+# cut short (missing-tensor, bad-stream) is not among them: the site may send it again.
 CONTENT_REFUSALS = frozenset(
     {
         "non-finite",
@@ -66,7 +67,6 @@ CONTENT_REFUSALS = frozenset(
         "wrong-shape",
         "wrong-dtype",
         "unknown-tensor",
-        "missing-tensor",
         "too-large",
     }
 )
