@@ -46,7 +46,13 @@ from fedstudy.spec import (
     Task,
     resolve_data_path,
 )
-from fedstudy_trainer.features import FeatureTransform, fit_transform, standard_scale
+from fedstudy_trainer.features import (
+    FeatureTransform,
+    fit_transform,
+    level_codes,
+    numeric_cells,
+    standard_scale,
+)
 
 FloatArray = npt.NDArray[np.float32]
 IndexArray = npt.NDArray[np.int64]
@@ -304,57 +310,24 @@ def _allocate(total: int, weights: npt.NDArray[np.float64], source: str, what: s
 # --- preprocessing ------------------------------------------------------------------------
 
 
+_NOT_A_NUMBER_HINT = (
+    "; list the column under preprocessing.categorical, or the value in preprocessing.naValues "
+    "if it means missing"
+)
+
+
 def _numeric(column: pd.Series, name: str, source: str, what: str) -> npt.NDArray[np.float64]:
     """A column as float64, NaN where missing; a value that is not a number is an error."""
-    values = pd.to_numeric(column, errors="coerce")
-    bad = column.notna().to_numpy() & values.isna().to_numpy()
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise DataError(
-            f"{source}: {what} {name!r} holds {column.iloc[row]!r} (data row {row + 1}), "
-            "which is not a number; list the column under preprocessing.categorical, or the "
-            "value in preprocessing.naValues if it means missing"
-        )
-    return np.asarray(values, dtype=np.float64)
-
-
-def _as_number(value: object) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    try:
-        return float(str(value).strip())
-    except ValueError:
-        return None
+    return numeric_cells(column, name, source, what=what, hint=_NOT_A_NUMBER_HINT, error=DataError)
 
 
 def _level_codes(
     column: pd.Series, name: str, levels: Sequence[int | str], source: str
 ) -> npt.NDArray[np.float64]:
-    """The index of each cell's level (NaN where missing).
-
-    A cell matches a level when their texts are equal or both are the same number, so the
-    level ``1`` matches the cells ``1`` and ``1.0`` of differently formatted files.
-    """
-    present = column.notna().to_numpy()
-    text = column.astype(object).map(lambda v: str(v).strip()).to_numpy()
-    numbers = np.asarray(pd.to_numeric(column, errors="coerce"), dtype=np.float64)
-    codes = np.full(len(column), np.nan)
-    for i, level in enumerate(levels):
-        match = text == str(level)
-        number = _as_number(level)
-        if number is not None:
-            match |= numbers == number
-        codes[np.isnan(codes) & present & match] = i
-    unknown = present & np.isnan(codes)
-    if unknown.any():
-        row = int(np.flatnonzero(unknown)[0])
-        raise DataError(
-            f"{source}: column {name!r} holds {column.iloc[row]!r} (data row {row + 1}), which "
-            f"is not among its declared levels {list(levels)} in preprocessing.categorical"
-        )
-    return codes
+    """The index of each cell's level (NaN where missing); an undeclared level is an error."""
+    return level_codes(
+        column, name, levels, source, hint=" (preprocessing.categorical)", error=DataError
+    )
 
 
 def _check_columns(table: pd.DataFrame, pre: Preprocessing, task: Task, source: str) -> None:

@@ -97,9 +97,9 @@ class FeatureTransform:
         n = len(table)
         columns: list[npt.NDArray[np.float64]] = []
         for name in self.numeric:
-            columns.append(_numeric(table[name], name, source))
+            columns.append(numeric_cells(table[name], name, source))
         for name, levels in self.categorical:
-            codes = _codes(table[name], name, levels, source)
+            codes = level_codes(table[name], name, levels, source)
             for i in range(1 if self.drop_first_level else 0, len(levels)):
                 col = (codes == i).astype(np.float64)
                 col[np.isnan(codes)] = np.nan
@@ -263,14 +263,24 @@ def read_preprocessing(path: Path) -> tuple[FeatureTransform, str, str]:
 # --- parsing cells --------------------------------------------------------------------------
 
 
-def _numeric(column: pd.Series, name: str, source: str) -> npt.NDArray[np.float64]:
+def numeric_cells(
+    column: pd.Series,
+    name: str,
+    source: str,
+    *,
+    what: str = "column",
+    hint: str = "",
+    error: type[ValueError] = FeatureError,
+) -> npt.NDArray[np.float64]:
+    """A column as float64, NaN where missing; a cell that is not a number raises ``error``
+    naming the column, the value and its data row (``hint`` is appended)."""
     values = pd.to_numeric(column, errors="coerce")
     bad = column.notna().to_numpy() & values.isna().to_numpy()
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise FeatureError(
-            f"{source}: column {name!r} holds {column.iloc[row]!r} (data row {row + 1}), "
-            "which is not a number"
+        raise error(
+            f"{source}: {what} {name!r} holds {column.iloc[row]!r} (data row {row + 1}), "
+            f"which is not a number{hint}"
         )
     return np.asarray(values, dtype=np.float64)
 
@@ -286,11 +296,18 @@ def _as_number(value: object) -> float | None:
         return None
 
 
-def _codes(
-    column: pd.Series, name: str, levels: Sequence[int | str], source: str
+def level_codes(
+    column: pd.Series,
+    name: str,
+    levels: Sequence[int | str],
+    source: str,
+    *,
+    hint: str = "",
+    error: type[ValueError] = FeatureError,
 ) -> npt.NDArray[np.float64]:
-    """Each cell's level index, NaN where missing; a cell matches a level when their texts
-    are equal or both are the same number (as the sites match them)."""
+    """The index of each cell's level, NaN where missing. A cell matches a level when their
+    texts are equal or both are the same number, so the level ``1`` matches the cells ``1``
+    and ``1.0`` of differently formatted files; any other cell raises ``error``."""
     present = column.notna().to_numpy()
     text = column.astype(object).map(lambda v: str(v).strip()).to_numpy()
     numbers = np.asarray(pd.to_numeric(column, errors="coerce"), dtype=np.float64)
@@ -304,9 +321,9 @@ def _codes(
     unknown = present & np.isnan(codes)
     if unknown.any():
         row = int(np.flatnonzero(unknown)[0])
-        raise FeatureError(
+        raise error(
             f"{source}: column {name!r} holds {column.iloc[row]!r} (data row {row + 1}), which "
-            f"is not one of its levels {list(levels)}"
+            f"is not one of its levels {list(levels)}{hint}"
         )
     return codes
 
