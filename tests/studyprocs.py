@@ -24,6 +24,17 @@ def free_port() -> int:
         return port
 
 
+def fedstudy(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Runs the ``fedstudy`` command line with this Python; output captured, never raises."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedstudy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

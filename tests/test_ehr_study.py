@@ -5,8 +5,6 @@ federated mode on the four heart-disease hospitals."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import load_file
-from studyprocs import read_jsonl
+from studyprocs import fedstudy, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -34,21 +32,11 @@ SEPSIS_DP_AUC_FLOOR = 0.75
 HEART_FEDAVG_ACCURACY = 0.685
 
 
-def fedstudy(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedstudy", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def run_study(doc: dict[str, Any], tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
-    r = fedstudy("run", str(path), "--out", str(out), "--progress", "plain")
+    r = fedstudy("run", str(path), "--out", str(out), "--progress", "plain", timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
     assert summary["completed"] is True

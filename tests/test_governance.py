@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from studyprocs import fedstudy
 
 from fedstudy.audit import AUDIT_FILE, read_chain, verify
 from fedstudy.modelcard import MODEL_CARD_FILE
@@ -26,16 +25,6 @@ pytestmark = pytest.mark.slow
 
 IRB = {"protocol": "IRB-2026-0417", "approvedUntil": "2099-12-31"}
 INTENDED_USE = "Research into federated models of tumour malignancy; not for patient care."
-
-
-def fedstudy(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedstudy", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")

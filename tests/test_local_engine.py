@@ -15,23 +15,13 @@ from typing import Any
 import pytest
 import yaml
 from safetensors.numpy import load_file
-from studyprocs import read_jsonl
+from studyprocs import fedstudy, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 HEART_DATA = ROOT.parent / "shared" / "data" / "heart-disease"
 
 pytestmark = pytest.mark.slow
-
-
-def fedstudy(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedstudy", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def small_study(tmp_path: Path, **spec_changes: Any) -> Path:
