@@ -48,10 +48,11 @@ from fedstudy_trainer.data import (
     DataError,
     SiteDataset,
     _binary_label,
-    _first_line,
     _names,
     _numeric,
     _split,
+    read_csv,
+    read_parquet,
     read_site_table,
 )
 
@@ -115,29 +116,12 @@ def load_sequence_site(spec: StudySpec, site: Site, base_dir: Path) -> SequenceD
 
 
 def read_labels_table(path: Path, fmt: str, pre: Preprocessing) -> pd.DataFrame:
-    """A per-patient labels table (CSV with a header row, or Parquet), cells as text."""
-    source = str(path)
-    try:
-        if fmt == "parquet":
-            table = pd.read_parquet(path)
-            if pre.naValues:
-                table = table.replace(list(pre.naValues), np.nan)
-        else:
-            table = pd.read_csv(
-                path,
-                dtype=str,
-                na_values=pre.naValues,
-                keep_default_na=True,
-                skipinitialspace=True,
-            )
-    except FileNotFoundError:
-        raise DataError(f"{source}: no such file") from None
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{source}: the file is empty") from None
-    except Exception as e:  # parsers raise many unrelated types for a bad file
-        raise DataError(f"{source}: cannot read the labels table: {_first_line(e)}") from None
-    table.columns = pd.Index([str(c).strip() for c in table.columns])
-    return table
+    """A per-patient labels table (CSV with a header row, or Parquet), read like a site's
+    table but without ``preprocessing.columns``, which names the long table's columns."""
+    own = pre.model_copy(update={"columns": None})
+    if fmt == "parquet":
+        return read_parquet(path, pre=own)
+    return read_csv(path, header=True, pre=own)
 
 
 # --- parsing --------------------------------------------------------------------------------
