@@ -11,7 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from fedstudy_trainer.data import DataError, load_site_data
-from fedstudy_trainer.sequences import MASK_SUFFIX, SequenceDataset, build_sequences
+from fedstudy_trainer.sequences import (
+    MASK_SUFFIX,
+    SequenceDataset,
+    build_sequences,
+    read_labels_table,
+)
 from trainer_support import make_study
 
 from fedstudy.spec import Preprocessing, StudyError, Task, check_local_files
@@ -364,3 +369,25 @@ def test_a_patient_without_an_id(tmp_path: Path) -> None:
     table = per_patient_table().astype({"pid": object})
     table.loc[6, "pid"] = None
     assert "data row 7 has no patient id in column 'pid'" in load_error(tmp_path, table)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_labels_table_is_read_without_the_long_tables_declared_columns(
+    tmp_path: Path, fmt: str
+) -> None:
+    labels = pd.DataFrame({"pid": ["p1", "p2"], "y": ["0", "1"]})
+    path = tmp_path / f"labels.{fmt}"
+    if fmt == "csv":
+        labels.to_csv(path, index=False)
+    else:
+        labels.to_parquet(path)
+    # preprocessing.columns names the long table's columns, which the labels table lacks
+    pre = prep().model_copy(update={"columns": ["pid", "t", "hr", "y"], "naValues": ["?"]})
+    table = read_labels_table(path, fmt, pre)
+    assert list(table.columns) == ["pid", "y"]
+    assert table["y"].astype(str).tolist() == ["0", "1"]
+
+
+def test_an_unreadable_labels_table_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"labels\.csv: no such file"):
+        read_labels_table(tmp_path / "labels.csv", "csv", prep())
