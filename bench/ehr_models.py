@@ -25,6 +25,9 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 HEART_DATA = ROOT.parent / "shared" / "data" / "heart-disease"
@@ -125,9 +128,7 @@ def main() -> int:
                 + f"; {result['seconds']} s",
                 flush=True,
             )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    write_result(args.json, results)
     return 0
 
 

@@ -152,7 +152,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from benchlib import finish_machine, machine
+    from benchlib import finish_machine, machine, write_result
 
     info = machine()
     results: dict[str, Any] = {}
@@ -213,9 +213,7 @@ def main() -> int:
     results["baseline_runs"] = base
     results["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     results["machine"] = finish_machine(info)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_result(args.json, results)
     return 0
 
 
