@@ -10,6 +10,7 @@ import pytest
 from aggtest import Running, StartFn, make_study
 from fedstudy_aggregator.server import AggregatorServer
 
+from fedstudy.certs import Credentials
 from fedstudy.spec import FederatedStudy
 
 
@@ -23,6 +24,7 @@ def start(tmp_path: Path) -> Iterator[StartFn]:
         state: Path | None = None,
         out: Path | None = None,
         linger: float = 0.5,
+        tls: Credentials | None = None,
     ) -> Running:
         srv = AggregatorServer(
             study or make_study(),
@@ -33,6 +35,7 @@ def start(tmp_path: Path) -> Iterator[StartFn]:
             log=logging.getLogger("aggregator-test"),
             linger=linger,
             tick_seconds=0.02,
+            tls=tls,
         )
         r = Running(srv)
         running.append(r)

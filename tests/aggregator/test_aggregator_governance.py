@@ -227,25 +227,17 @@ def test_a_failed_append_leaves_no_half_entry(
     assert [e["event"] for e in chain.entries] == ["first", "second"]
 
 
-def test_joins_under_mutual_tls_carry_the_certificate_fingerprint(tmp_path: Path) -> None:
+def test_joins_under_mutual_tls_carry_the_certificate_fingerprint(
+    tmp_path: Path, start: StartFn
+) -> None:
     ca = make_ca("demo")
-    srv = AggregatorServer(
-        make_study(2),
-        tmp_path / "state",
-        tmp_path / "out",
-        listen="127.0.0.1:0",
-        http="127.0.0.1:0",
-        log=logging.getLogger("aggregator-audit"),
-        tls=issue_cert("aggregator", *ca, server=True, hosts=["127.0.0.1"]),
-    )
-    srv.start()
+    agg = start(make_study(2), tls=issue_cert("aggregator", *ca, server=True, hosts=["127.0.0.1"]))
     creds = issue_cert("s0", *ca)
-    channel = open_channel(str(srv.endpoint["grpc"]), creds)
+    channel = open_channel(str(agg.endpoint["grpc"]), creds)
     try:
         assert Site(pb_grpc.AggregatorStub(channel), "s0").join().accepted
     finally:
         channel.close()
-        srv.stop(grace=0.2)
     der = x509.load_pem_x509_certificate(creds.cert).public_bytes(Encoding.DER)
     joined = entries(tmp_path / "out")[-1]
     assert joined["event"] == "site-joined"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -12,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from aggtest import Site, make_study, model, study_doc
+from aggtest import Site, StartFn, make_study, model, study_doc
 from fedstudy_aggregator.server import AggregatorServer
 
 from fedstudy.certs import Credentials, issue_cert, make_ca
@@ -24,20 +23,10 @@ CA = make_ca("demo")
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[AggregatorServer]:
+def server(start: StartFn) -> AggregatorServer:
     creds = issue_cert("aggregator", *CA, server=True, hosts=["127.0.0.1"])
-    srv = AggregatorServer(
-        make_study(2),
-        tmp_path / "state",
-        tmp_path / "out",
-        listen="127.0.0.1:0",
-        http="127.0.0.1:0",
-        log=logging.getLogger("aggregator-mtls"),
-        tls=creds,
-    )
-    srv.start()
-    yield srv
-    srv.stop(grace=0.2)
+    srv: AggregatorServer = start(make_study(2), tls=creds).server
+    return srv
 
 
 Connect = Callable[[Credentials, str], Site]
