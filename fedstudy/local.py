@@ -176,6 +176,21 @@ class Progress:
                 )
             self._last_round = done
 
+    def finish(self, summary: dict[str, Any]) -> None:
+        """The last rounds' line from the summary, where the study ended between two polls
+        of /status (plain lines only; a live table has shown its last state)."""
+        if self.live_mode:
+            return
+        weighted = (summary.get("global") or {}).get("weighted") or {}
+        self.update(
+            {
+                "completed_rounds": summary.get("rounds_completed", 0),
+                "planned_rounds": summary.get("rounds_planned"),
+                "global": weighted,
+                "state": "done",
+            }
+        )
+
     def _table(self, status: dict[str, Any]) -> Table:
         spec = self.study.spec
         title = (
@@ -438,6 +453,7 @@ def run_study(
     except (OSError, ValueError) as e:
         _error(f"study {study.name}: no readable summary at {summary_path}: {e}")
         return 1
+    prog.finish(summary)
     console.print(summary_table(summary, study.spec.task.metric))
     exported = True
     if (out / "model.safetensors").exists():
