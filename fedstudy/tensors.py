@@ -4,14 +4,20 @@ A model is an ordered mapping of names to numpy arrays. ``to_chunks`` streams it
 ``TensorChunk`` messages of at most ``chunk_bytes`` of data each; ``TensorAssembler`` takes
 such a stream, refuses anything malformed with a ``WireError`` that says why, and fills
 arrays in place, so a receiver never holds more than the tensors themselves.
+``SpoolingAssembler`` makes the same checks and writes the tensors to a file instead
+(``SpooledWeights``), which a receiver then reads back a block at a time: a large model then
+crosses without the receiver holding it in memory at all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +25,8 @@ import numpy.typing as npt
 from fedstudy.wire import aggregator_pb2, tensors_pb2
 
 DEFAULT_CHUNK_BYTES = 1 << 20
+# Values per block when a tensor is read back a part at a time (4 MiB of float32).
+BLOCK_VALUES = 1 << 20
 
 ALLOWED_DTYPES = ("float32", "float64", "float16", "int64", "int32", "uint8", "bool")
 # The most dimensions a tensor may have (numpy 1.x's limit; numpy 2 allows 64).
@@ -172,7 +180,9 @@ class TensorAssembler:
         self.received_bytes = 0
         self._current: str | None = None
         self._buf: memoryview | None = None
+        self._size = 0
         self._filled = 0
+        self._arrived: set[str] = set()
 
     def add(self, chunk: tensors_pb2.TensorChunk) -> None:
         if chunk.offset == 0:
@@ -190,21 +200,43 @@ class TensorAssembler:
                 f"tensor {chunk.name}: chunk at offset {chunk.offset}, "
                 f"expected {self._filled} (gap or overlap)",
             )
-        assert self._buf is not None
         n = len(chunk.data)
-        if self._filled + n > len(self._buf):
+        if self._filled + n > self._size:
             raise WireError("bad-stream", f"tensor {chunk.name}: more bytes than its shape holds")
         self.received_bytes += n
         if self.max_bytes is not None and self.received_bytes > self.max_bytes:
             raise WireError("too-large", f"stream passed its bound of {self.max_bytes} bytes")
-        self._buf[self._filled : self._filled + n] = chunk.data
+        self._write(chunk.data)
         self._filled += n
+
+    def _write(self, data: bytes) -> None:
+        """Stores the next ``data`` of the open tensor at ``self._filled``."""
+        assert self._buf is not None
+        self._buf[self._filled : self._filled + len(data)] = data
+
+    def _open_tensor(self, spec: TensorSpec) -> None:
+        """Makes room for a tensor that passed every check."""
+        try:
+            arr = np.empty(spec.shape, dtype=np.dtype(spec.dtype).newbyteorder("<"))
+        except MemoryError:
+            raise WireError(
+                "too-large", f"tensor {spec.name} ({spec.nbytes} bytes) does not fit in memory"
+            ) from None
+        self.weights[spec.name] = arr
+        self._buf = arr.reshape(-1).view(np.uint8).data
+
+    def _close_tensor(self, name: str) -> None:
+        """A tensor arrived whole."""
+        arr = self.weights[name]
+        if self.check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise WireError("non-finite", f"tensor {name} holds NaN or infinity")
+        self._buf = None
 
     def _start(self, chunk: tensors_pb2.TensorChunk) -> None:
         name = chunk.name
         if not name:
             raise WireError("bad-stream", "a tensor without a name")
-        if name in self.weights:
+        if name in self._arrived:
             raise WireError("bad-stream", f"tensor {name} sent twice")
         shape = tuple(int(d) for d in chunk.shape)
         spec = TensorSpec(name, chunk.dtype, shape)
@@ -234,43 +266,132 @@ class TensorAssembler:
                 f"tensor {name} ({spec.nbytes} bytes) would pass the "
                 f"stream's bound of {self.max_bytes} bytes",
             )
-        try:
-            arr = np.empty(shape, dtype=np.dtype(spec.dtype).newbyteorder("<"))
-        except MemoryError:
-            raise WireError(
-                "too-large", f"tensor {name} ({spec.nbytes} bytes) does not fit in memory"
-            ) from None
-        self.weights[name] = arr
+        self._open_tensor(spec)
+        self._arrived.add(name)
         self._current = name
-        self._buf = arr.reshape(-1).view(np.uint8).data
+        self._size = spec.nbytes
         self._filled = 0
 
     def _finish_current(self) -> None:
         if self._current is None:
             return
-        assert self._buf is not None
-        if self._filled != len(self._buf):
+        if self._filled != self._size:
             raise WireError(
                 "bad-stream",
-                f"tensor {self._current}: stream ended after "
-                f"{self._filled} of {len(self._buf)} bytes",
+                f"tensor {self._current}: stream ended after {self._filled} of {self._size} bytes",
             )
-        arr = self.weights[self._current]
-        if self.check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise WireError("non-finite", f"tensor {self._current} holds NaN or infinity")
+        self._close_tensor(self._current)
         self._current = None
-        self._buf = None
 
-    def finish(self) -> Weights:
+    def _check_complete(self) -> None:
         """Closes the stream; every expected tensor must have arrived."""
         self._finish_current()
         if self.expected is not None:
-            missing = [n for n in self.expected if n not in self.weights]
+            missing = [n for n in self.expected if n not in self._arrived]
             if missing:
                 raise WireError("missing-tensor", f"missing tensors: {', '.join(missing)}")
+
+    def finish(self) -> Weights:
+        """Closes the stream; every expected tensor must have arrived."""
+        self._check_complete()
+        if self.expected is not None:
             # Keep the model's order, whatever order the sender used.
             return {n: self.weights[n] for n in self.expected}
         return self.weights
+
+
+class SpooledWeights:
+    """A model's tensors in a file, laid out one after another in model order and read back a
+    block at a time. The file has no name (it is gone when closed, or when the process dies)."""
+
+    def __init__(self, fd: int, specs: Iterable[TensorSpec]) -> None:
+        self._fd = fd
+        self.specs = {s.name: s for s in specs}
+        self.offsets: dict[str, int] = {}
+        at = 0
+        for spec in self.specs.values():
+            self.offsets[spec.name] = at
+            at += spec.nbytes
+        self.nbytes = at
+
+    def __enter__(self) -> SpooledWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _read_into(self, buf: memoryview, at: int) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [buf[done:]], at + done)
+            if n <= 0:
+                raise OSError(f"the spool file ended at byte {at + done}")
+            done += n
+
+    def _dtype(self, name: str) -> np.dtype[np.generic]:
+        return np.dtype(self.specs[name].dtype).newbyteorder("<")
+
+    def array(self, name: str) -> Array:
+        """The whole tensor, as a new array."""
+        spec = self.specs[name]
+        arr: Array = np.empty(spec.shape, dtype=self._dtype(name))
+        self._read_into(arr.reshape(-1).view(np.uint8).data, self.offsets[name])
+        return arr
+
+    def blocks(self, name: str, block_values: int = BLOCK_VALUES) -> Iterator[tuple[int, Array]]:
+        """The tensor's values in order, ``block_values`` at a time, as (index of the first
+        value in the flattened tensor, 1-d array)."""
+        spec = self.specs[name]
+        dtype = self._dtype(name)
+        count = math.prod(spec.shape)
+        at = self.offsets[name]
+        for start in range(0, count, block_values):
+            block: Array = np.empty(min(block_values, count - start), dtype=dtype)
+            self._read_into(block.view(np.uint8).data, at + start * dtype.itemsize)
+            yield start, block
+
+    def load(self) -> Weights:
+        """Every tensor as an array (the model in memory)."""
+        return {name: self.array(name) for name in self.specs}
+
+
+class SpoolingAssembler(TensorAssembler):
+    """A ``TensorAssembler`` that writes the tensors to a nameless file in ``directory``
+    rather than to arrays: the same checks, bar the finite check (it needs the values; see
+    ``SpooledWeights.blocks``). ``expected`` is required: it fixes the file's layout."""
+
+    def __init__(
+        self, expected: Iterable[TensorSpec], directory: Path, *, max_bytes: int | None = None
+    ) -> None:
+        specs = list(expected)
+        super().__init__(specs, max_bytes=max_bytes, check_finite=False)
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory, prefix="update-") as f:
+            self.spool = SpooledWeights(os.dup(f.fileno()), specs)
+        self._at = 0
+
+    def _open_tensor(self, spec: TensorSpec) -> None:
+        self._at = self.spool.offsets[spec.name]
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.spool._fd, view[done:], self._at + self._filled + done)
+
+    def _close_tensor(self, name: str) -> None:
+        pass
+
+    def finish_spooled(self) -> SpooledWeights:
+        """Closes the stream (every expected tensor must have arrived); the caller closes
+        the spool."""
+        self._check_complete()
+        return self.spool
 
 
 def from_chunks(

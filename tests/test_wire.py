@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from fedstudy.tensors import (
+    SpooledWeights,
+    SpoolingAssembler,
     TensorAssembler,
     TensorSpec,
     WireError,
@@ -105,6 +107,67 @@ def test_refusals_name_their_reason() -> None:
     assert _refusal([lying]) == "bad-stream"
     odd = tensors_pb2.TensorChunk(name="x", dtype="object", shape=[1], total_bytes=8)
     assert _refusal([odd]) == "wrong-dtype"
+
+
+def _spool(
+    chunks: list[tensors_pb2.TensorChunk],
+    expected: list[TensorSpec],
+    directory: Path,
+    max_bytes: int | None = None,
+) -> SpooledWeights:
+    asm = SpoolingAssembler(expected, directory, max_bytes=max_bytes)
+    try:
+        for c in chunks:
+            asm.add(c)
+        return asm.finish_spooled()
+    except BaseException:
+        asm.spool.close()
+        raise
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 1 << 20])
+def test_a_spooled_model_reads_back_whole_and_in_blocks(chunk_bytes: int, tmp_path: Path) -> None:
+    model = _model()
+    shuffled = dict(reversed(list(model.items())))  # the sender's order is not the model's
+    chunks = list(to_chunks(shuffled, chunk_bytes=chunk_bytes))
+    with _spool(chunks, signature(model), tmp_path) as spool:
+        back = spool.load()
+        assert list(back) == list(model)
+        for k, arr in model.items():
+            assert back[k].dtype == arr.dtype
+            assert back[k].shape == arr.shape
+            np.testing.assert_array_equal(back[k], arr)
+            parts = list(spool.blocks(k, block_values=5))
+            assert [start for start, _ in parts] == list(range(0, arr.size, 5))
+            joined = np.concatenate([b for _, b in parts]) if parts else np.zeros(0, arr.dtype)
+            np.testing.assert_array_equal(joined, arr.reshape(-1))
+        assert digest(back) == digest(model)
+    # The spool file never had a name in the directory.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_spooling_assembler_refuses_what_the_in_memory_one_refuses(tmp_path: Path) -> None:
+    model = _model()
+    sig = signature(model)
+    chunks = list(to_chunks(model, chunk_bytes=64))
+
+    def spool_refusal(cs: list[tensors_pb2.TensorChunk], max_bytes: int | None = None) -> str:
+        with pytest.raises(WireError) as info:
+            _spool(cs, sig, tmp_path, max_bytes)
+        return info.value.reason
+
+    cases = {
+        "missing-tensor": chunks[:-1],
+        "bad-stream": chunks[1:],
+        "unknown-tensor": list(to_chunks({"other": model["layer.bias"]})),
+        "wrong-shape": list(to_chunks({"layer.bias": np.zeros(16, np.float32)})),
+        "wrong-dtype": list(to_chunks({"layer.bias": np.zeros(17, np.float64)})),
+    }
+    for reason, cs in cases.items():
+        assert _refusal(cs, sig) == reason
+        assert spool_refusal(cs) == reason
+    assert spool_refusal([*chunks[:2], chunks[1]]) == "bad-stream"
+    assert spool_refusal(chunks, max_bytes=100) == "too-large"
 
 
 def test_assembler_counts_bytes() -> None:

@@ -26,6 +26,7 @@ from fedstudy.spec import TREE_MODELS, StudyError, check_irb, load_study
 
 from .boosting import BoostingTracker
 from .checkpoint import CheckpointError
+from .rounds import SPOOL_ABOVE_BYTES
 from .server import AggregatorServer, BindError, split_address
 
 
@@ -45,6 +46,12 @@ def _seconds(value: str) -> float:
     if s < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
     return s
+
+
+def _bytes(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of bytes (0 or more)")
+    return int(value)
 
 
 def _port(value: str) -> int:
@@ -89,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="once done, how long to wait for every site to hear it (default 5)",
     )
     tls.add_arguments(p, "aggregator")
+    p.add_argument(
+        "--spool-dir",
+        type=Path,
+        help="where updates of large models are received, each in a nameless file, so that "
+        "the aggregator never holds one in memory (default: STATE_DIR/incoming)",
+    )
+    p.add_argument(
+        "--spool-above-bytes",
+        type=_bytes,
+        default=SPOOL_ABOVE_BYTES,
+        help="updates of models above this size are received into --spool-dir, smaller "
+        f"ones into memory (default {SPOOL_ABOVE_BYTES}, 64 MiB)",
+    )
     p.add_argument(
         "--boosting-port",
         type=_port,
@@ -157,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             linger=args.linger,
             tls=creds,
             boosting=boosting,
+            spool_dir=args.spool_dir,
+            spool_above_bytes=args.spool_above_bytes,
         )
         server.start()
     except (CheckpointError, AuditError, BindError, OSError) as e:

@@ -12,17 +12,25 @@ number of sites. Refusals never stop a round.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedstudy.logs import event
 from fedstudy.spec import FederatedStudy
 from fedstudy.tensors import (
+    Array,
+    SpooledWeights,
+    SpoolingAssembler,
     TensorAssembler,
     TensorSpec,
     Weights,
@@ -49,7 +57,7 @@ from .records import (
     history_to_json,
 )
 from .server_dp import ServerDP
-from .strategies import Strategy, clip_update, make_strategy, update_norm
+from .strategies import Strategy, Update, make_strategy
 
 WAITING = "waiting"
 TRAINING = "training"
@@ -71,6 +79,10 @@ CONTENT_REFUSALS = frozenset(
     }
 )
 MAX_WAIT_SECONDS = 30.0
+# Updates of models larger than this are received into a file (see ``examine`` and
+# ``strategies.Update``), so the aggregator holds the global model and the round's running
+# mean, and not the update too; smaller ones are received into memory.
+SPOOL_ABOVE_BYTES = 64 << 20
 
 Task = pb.TaskResponse
 
@@ -109,6 +121,36 @@ def model_bytes(specs: list[TensorSpec]) -> int:
     return sum(s.nbytes for s in specs)
 
 
+@dataclass(frozen=True)
+class Examined:
+    digest: str
+    # The L2 norm of the change from the global model over the float tensors (None for an
+    # initial model, which has nothing to change from).
+    norm: float | None
+
+
+def examine(received: Weights | SpooledWeights, base: Mapping[str, Array] | None) -> Examined:
+    """One pass over an update as it arrived: refuses NaN and infinity (``WireError``
+    non-finite), and computes its digest (as ``fedstudy.tensors.digest``) and the norm of its
+    change from ``base``, a block at a time."""
+    h = hashlib.sha256()
+    total = 0.0
+    update = Update(received)
+    specs = received.specs.values() if isinstance(received, SpooledWeights) else signature(received)
+    for spec in specs:
+        h.update(f"{spec.name}\0{spec.dtype}\0{list(spec.shape)}\0".encode())
+        floating = np.dtype(spec.dtype).kind == "f"
+        g = base[spec.name].reshape(-1) if base is not None and floating else None
+        for start, block in update.blocks(spec.name):
+            if floating and not np.isfinite(block).all():
+                raise WireError("non-finite", f"tensor {spec.name} holds NaN or infinity")
+            h.update(np.ascontiguousarray(block).view(np.uint8).data)
+            if g is not None:
+                d = np.subtract(block, g[start : start + block.size], dtype=np.float64)
+                total += float(np.dot(d, d))
+    return Examined(h.hexdigest(), float(np.sqrt(total)) if base is not None else None)
+
+
 class Coordinator:
     """The aggregator's protocol logic, independent of gRPC and HTTP."""
 
@@ -119,8 +161,17 @@ class Coordinator:
         out_dir: Path,
         log: logging.Logger,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        spool_dir: Path | None = None,
+        spool_above_bytes: int | None = SPOOL_ABOVE_BYTES,
     ) -> None:
+        """``spool_dir`` (default ``state_dir/incoming``) receives the updates of models
+        above ``spool_above_bytes`` (None: every update is received into memory)."""
         self.study = study
+        self.spool_dir = (
+            None if spool_above_bytes is None else (spool_dir or state_dir / "incoming")
+        )
+        self.spool_above_bytes = spool_above_bytes or 0
         self.spec = study.spec
         self.name = study.name
         self.out_dir = out_dir
@@ -778,19 +829,31 @@ class Coordinator:
         try:
             with self.cond:
                 expected, bound = self._check_header(h)
-            with self._staging:
+            spool = self.spool_dir is not None and model_bytes(expected) > self.spool_above_bytes
+            # In memory, one update is staged at a time; spooled ones stream in side by side.
+            with contextlib.nullcontext() if spool else self._staging:
                 with self.cond:
                     self._check_still_open(h)
-                weights = self._stage(h, first.ByteSize(), stream, expected, bound)
-                received = digest(weights)
-                with self.cond:
-                    self._check_still_open(h)
-                    self._fold(h, weights, received)
-                    # The strategy has folded the update in (or kept it): drop the staged
-                    # arrays before the round may close, so that closing never holds them
-                    # next to the new model.
-                    del weights
-                    self._advance(wake_on_change=True)
+                    base = self.model if h.round > 0 else None
+                received: Weights | SpooledWeights | None = self._stage(
+                    h, first.ByteSize(), stream, expected, bound, spool
+                )
+                try:
+                    assert received is not None
+                    found = examine(received, base)
+                    with self.cond:
+                        self._check_still_open(h)
+                        self._fold(h, received, found)
+                        # The strategy has folded the update in (or kept it): drop the staged
+                        # arrays before the round may close, so that closing never holds them
+                        # next to the new model.
+                        if isinstance(received, SpooledWeights):
+                            received.close()
+                        received = None
+                        self._advance(wake_on_change=True)
+                finally:
+                    if isinstance(received, SpooledWeights):
+                        received.close()
         except _Refusal as r:
             return self._refuse(h, r)
         except WireError as e:
@@ -920,62 +983,82 @@ class Coordinator:
         stream: Iterator[pb.UpdateChunk],
         expected: list[TensorSpec],
         bound: int,
-    ) -> Weights:
-        asm = TensorAssembler(expected, max_bytes=bound)
+        spool: bool,
+    ) -> Weights | SpooledWeights:
+        """The update as it arrived: in arrays, or (``spool``) in a file under ``spool_dir``."""
+        if spool:
+            assert self.spool_dir is not None
+            try:
+                asm: TensorAssembler = SpoolingAssembler(expected, self.spool_dir, max_bytes=bound)
+            except OSError as e:
+                raise self._disk_failure(f"spooling an update in {self.spool_dir}", e) from None
+        else:
+            asm = TensorAssembler(expected, max_bytes=bound, check_finite=False)
         seen = header_bytes
-        for msg in stream:
-            seen += msg.ByteSize()
-            if seen > bound:
-                raise _Refusal("too-large", f"the stream passed its bound of {bound} bytes")
-            if msg.WhichOneof("part") != "tensor":
-                raise _Refusal("bad-stream", "a second header inside the stream")
-            asm.add(msg.tensor)
-        weights = asm.finish()
+        try:
+            for msg in stream:
+                seen += msg.ByteSize()
+                if seen > bound:
+                    raise _Refusal("too-large", f"the stream passed its bound of {bound} bytes")
+                if msg.WhichOneof("part") != "tensor":
+                    raise _Refusal("bad-stream", "a second header inside the stream")
+                asm.add(msg.tensor)
+            received = asm.finish_spooled() if isinstance(asm, SpoolingAssembler) else asm.finish()
+        except OSError as e:
+            assert isinstance(asm, SpoolingAssembler)
+            asm.spool.close()
+            raise self._disk_failure(f"spooling an update in {self.spool_dir}", e) from None
+        except BaseException:
+            if isinstance(asm, SpoolingAssembler):
+                asm.spool.close()
+            raise
         with self.cond:
             self.bytes_received += seen
             self.metrics.bytes_received(h.site, seen)
-        if h.tensor_count != len(weights) or h.total_bytes != asm.received_bytes:
+        tensors = len(received.specs) if isinstance(received, SpooledWeights) else len(received)
+        if h.tensor_count != tensors or h.total_bytes != asm.received_bytes:
+            if isinstance(received, SpooledWeights):
+                received.close()
             raise _Refusal(
                 "bad-stream",
                 f"the header announced {h.tensor_count} tensors and {h.total_bytes} bytes; "
-                f"the stream held {len(weights)} tensors and {asm.received_bytes} bytes",
+                f"the stream held {tensors} tensors and {asm.received_bytes} bytes",
             )
-        return weights
+        return received
 
-    def _bound_update(self, h: pb.UpdateHeader, weights: Weights) -> Weights:
-        """Applies ``strategy.maxUpdateNorm``: clips a larger update, or refuses it."""
+    def _clip_scale(self, h: pb.UpdateHeader, norm: float) -> float:
+        """How far an update's change is scaled down: ``strategy.maxUpdateNorm`` clips it (or
+        refuses it), then server-side DP clips it to its ``clipNorm``."""
+        scale = 1.0
         bound = self.spec.strategy.maxUpdateNorm
-        if bound is None or self.model is None:
-            return weights
-        norm = update_norm(weights, self.model)
-        if norm <= bound:
-            return weights
-        if self.spec.strategy.normPolicy == "refuse":
-            raise _Refusal(
-                "norm-exceeded", f"the update's norm {norm:.6g} is above the bound {bound:.6g}"
-            )
-        event(self.log, "update-clipped", site=h.site, round=h.round, norm=norm, bound=bound)
-        return clip_update(weights, self.model, bound)
+        if bound is not None and norm > bound:
+            if self.spec.strategy.normPolicy == "refuse":
+                raise _Refusal(
+                    "norm-exceeded", f"the update's norm {norm:.6g} is above the bound {bound:.6g}"
+                )
+            event(self.log, "update-clipped", site=h.site, round=h.round, norm=norm, bound=bound)
+            scale = bound / norm
+        dp = self.strategy.dp
+        if dp is not None and norm * scale > dp.clip:
+            scale = dp.clip / norm
+        return scale
 
-    def _fold(self, h: pb.UpdateHeader, weights: Weights, received: str = "") -> None:
+    def _fold(
+        self, h: pb.UpdateHeader, received: Weights | SpooledWeights, found: Examined
+    ) -> None:
         """Takes an accepted update in: the initial model, or one more in the round's mean.
-        The caller then moves the state machine on (``_advance``). ``received`` is the
-        update's digest as it arrived, for the audit trail."""
-        if h.round > 0:
-            weights = self._bound_update(h, weights)
-            dp = self.strategy.dp
-            if dp is not None and self.model is not None:
-                weights = clip_update(weights, self.model, dp.clip)
+        The caller then moves the state machine on (``_advance``). ``found``: what
+        ``examine`` found in the update as it arrived (its digest and the norm of its change)."""
         site = self.sites[h.site]
-        self.accepted_total += 1
-        self.metrics.update_accepted(site.name, int(h.round))
         if h.round == 0:
-            model_digest = received or digest(weights)
+            weights = received.load() if isinstance(received, SpooledWeights) else received
+            self.accepted_total += 1
+            self.metrics.update_accepted(site.name, int(h.round))
             self._audit_write(
                 "initial model",
                 lambda: self.audit.initial_model(
                     site.name,
-                    model_digest,
+                    found.digest,
                     tensors=len(weights),
                     parameters=sum(int(a.size) for a in weights.values()),
                 ),
@@ -989,12 +1072,17 @@ class Coordinator:
                 self.log,
                 "initial-model",
                 site=site.name,
-                digest=model_digest,
+                digest=found.digest,
                 tensors=len(weights),
             )
             return
-        self.audit.accepted(site.name, int(h.num_samples), received or digest(weights))
-        self.strategy.accept(weights, int(h.num_samples), owned=True)
+        assert found.norm is not None
+        assert self.model is not None
+        scale = self._clip_scale(h, found.norm)
+        self.accepted_total += 1
+        self.metrics.update_accepted(site.name, int(h.round))
+        self.audit.accepted(site.name, int(h.num_samples), found.digest)
+        self.strategy.accept(Update(received, self.model, scale, owned=True), int(h.num_samples))
         self.answered.add(site.name)
         site.rounds_participated += 1
         site.last_round = h.round

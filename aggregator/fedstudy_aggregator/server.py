@@ -21,7 +21,7 @@ from fedstudy.tls import server_credentials
 from fedstudy.wire import aggregator_pb2_grpc as pb_grpc
 
 from .boosting import BoostingTracker, TrackerError
-from .rounds import Coordinator
+from .rounds import SPOOL_ABOVE_BYTES, Coordinator
 from .service import AggregatorService
 from .web import HttpServer
 
@@ -77,6 +77,8 @@ class AggregatorServer:
         tick_seconds: float = 0.05,
         tls: Credentials | None = None,
         boosting: BoostingTracker | None = None,
+        spool_dir: Path | None = None,
+        spool_above_bytes: int | None = SPOOL_ABOVE_BYTES,
     ) -> None:
         self.log = log or logging.getLogger("aggregator")
         self.state_dir = state_dir
@@ -87,7 +89,14 @@ class AggregatorServer:
         self.tls = tls
         self.boosting = boosting
         limit_malloc_arenas()
-        self.coord = Coordinator(study, state_dir, out_dir or state_dir, self.log)
+        self.coord = Coordinator(
+            study,
+            state_dir,
+            out_dir or state_dir,
+            self.log,
+            spool_dir=spool_dir,
+            spool_above_bytes=spool_above_bytes,
+        )
         workers = 2 * len(study.spec.sites) + 8
         self._grpc = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),

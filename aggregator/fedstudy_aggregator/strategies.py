@@ -21,13 +21,14 @@ float parameter by about ``eta`` in the direction of the sites' average change.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 
 from fedstudy.spec import Strategy as StrategySpec
-from fedstudy.tensors import Array, Weights
+from fedstudy.tensors import BLOCK_VALUES, Array, SpooledWeights, Weights
 
 from .server_dp import ServerDP
 
@@ -142,6 +143,68 @@ def yogi_step(
     return current + eta * m_new / (np.sqrt(v_new) + tau), m_new, v_new
 
 
+class Update:
+    """One accepted update as a strategy reads it: each tensor whole or a block at a time,
+    from memory or from its spool file, moved towards the global model ``base`` by ``scale``
+    where it was clipped (``base + scale * (update - base)`` on float tensors, in float64).
+
+    ``owned``: in-memory arrays that nothing else holds; ``array`` then hands them over as
+    they are where no scaling or cast is needed.
+    """
+
+    def __init__(
+        self,
+        values: Mapping[str, Array] | SpooledWeights,
+        base: Mapping[str, Array] | None = None,
+        scale: float = 1.0,
+        *,
+        owned: bool = False,
+    ) -> None:
+        if scale != 1.0 and base is None:
+            raise ValueError("scaling an update needs the model it moves from")
+        self.values = values
+        self.base = base
+        self.scale = scale
+        self.owned = owned
+
+    def _scaled(self, name: str, start: int, block: Array) -> Array:
+        if self.scale == 1.0 or self.base is None or block.dtype.kind != "f":
+            return block
+        g = self.base[name].reshape(-1)[start : start + block.size]
+        delta = np.subtract(block, g, dtype=np.float64)
+        delta *= self.scale
+        out: Array = np.add(g, delta, dtype=np.float64).astype(block.dtype)
+        return out
+
+    def blocks(self, name: str, block_values: int = BLOCK_VALUES) -> Iterator[tuple[int, Array]]:
+        """(index of the first value in the flattened tensor, 1-d values), in order."""
+        if isinstance(self.values, SpooledWeights):
+            for start, block in self.values.blocks(name, block_values):
+                yield start, self._scaled(name, start, block)
+            return
+        flat = np.asarray(self.values[name]).reshape(-1)
+        for start in range(0, max(flat.size, 1), block_values):
+            yield start, self._scaled(name, start, flat[start : start + block_values])
+
+    def array(self, name: str, dtype: np.dtype[np.generic] | None = None) -> Array:
+        """The whole tensor (in ``dtype`` where given)."""
+        if isinstance(self.values, SpooledWeights):
+            arr = self.values.array(name)
+            if self.scale != 1.0:
+                arr = self._scaled(name, 0, arr.reshape(-1)).reshape(arr.shape)
+            return arr if dtype is None or arr.dtype == dtype else arr.astype(dtype)
+        src = np.asarray(self.values[name])
+        if self.scale != 1.0:
+            src = self._scaled(name, 0, src.reshape(-1)).reshape(src.shape)
+        elif not self.owned:
+            src = src.copy()
+        return src if dtype is None or src.dtype == dtype else src.astype(dtype)
+
+    def load(self) -> Weights:
+        names = self.values.specs if isinstance(self.values, SpooledWeights) else self.values
+        return {name: self.array(name) for name in names}
+
+
 class Strategy(ABC):
     """A round's aggregation: begin, accept updates one by one, aggregate."""
 
@@ -163,9 +226,9 @@ class Strategy(ABC):
         self.accepted = 0
 
     def accept(
-        self, weights: Mapping[str, Array], num_samples: int, *, owned: bool = False
+        self, weights: Mapping[str, Array] | Update, num_samples: int, *, owned: bool = False
     ) -> None:
-        """Folds one validated update into the running weighted mean.
+        """Folds one validated update into the running weighted mean, a block at a time.
 
         ``owned``: the arrays are the caller's to give away (a freshly received update that
         nothing else holds); the round's first update then becomes the running mean as it is,
@@ -175,19 +238,20 @@ class Strategy(ABC):
             raise RuntimeError("begin_round first")
         if num_samples <= 0:
             raise ValueError("an update needs a positive sample count")
+        update = weights if isinstance(weights, Update) else Update(weights, owned=owned)
         w = 1.0 if self.dp is not None else float(num_samples)
         if self._means is None:
             self._means = {
-                k: np.array(
-                    weights[k], dtype=accumulator_dtype(g.dtype), copy=None if owned else True
-                )
+                k: cast(FloatArray, update.array(k, accumulator_dtype(g.dtype)))
                 for k, g in self._global.items()
             }
             self.total_weight = w
         else:
             total = self.total_weight
             for k, mean in self._means.items():
-                fold_mean(mean, total, weights[k], w)
+                flat = mean.reshape(-1)
+                for start, block in update.blocks(k):
+                    fold_mean(flat[start : start + block.size], total, block, w)
             self.total_weight = total + w
         self.accepted += 1
 
@@ -389,11 +453,13 @@ class _Robust(Strategy):
         self._updates = []
 
     def accept(
-        self, weights: Mapping[str, Array], num_samples: int, *, owned: bool = False
+        self, weights: Mapping[str, Array] | Update, num_samples: int, *, owned: bool = False
     ) -> None:
         # The update is kept whole until the round aggregates: never fold into its arrays.
-        super().accept(weights, num_samples, owned=False)
-        self._updates.append(weights)
+        update = weights if isinstance(weights, Update) else Update(weights)
+        kept = update.load() if update.scale != 1.0 or not isinstance(weights, Mapping) else weights
+        super().accept(Update(kept), num_samples)
+        self._updates.append(kept)
 
     def _combine(self, stack: FloatArray) -> FloatArray:
         raise NotImplementedError

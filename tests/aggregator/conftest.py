@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from aggtest import Running, StartFn, make_study
+from fedstudy_aggregator.rounds import SPOOL_ABOVE_BYTES
 from fedstudy_aggregator.server import AggregatorServer
 
 from fedstudy.certs import Credentials
@@ -25,6 +26,7 @@ def start(tmp_path: Path) -> Iterator[StartFn]:
         out: Path | None = None,
         linger: float = 0.5,
         tls: Credentials | None = None,
+        spool_above_bytes: int | None = SPOOL_ABOVE_BYTES,
     ) -> Running:
         srv = AggregatorServer(
             study or make_study(),
@@ -36,6 +38,7 @@ def start(tmp_path: Path) -> Iterator[StartFn]:
             linger=linger,
             tick_seconds=0.02,
             tls=tls,
+            spool_above_bytes=spool_above_bytes,
         )
         r = Running(srv)
         running.append(r)

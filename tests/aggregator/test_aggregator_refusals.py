@@ -113,12 +113,19 @@ CASES: dict[str, tuple[str, Callable[[Ctx], tuple[Site, Messages]]]] = {
 }
 
 
+# Updates received into memory, and into a spool file (every model above 0 bytes).
+RECEIVE = {"in-memory": None, "spooled": 0}
+
+
+@pytest.mark.parametrize("receive", sorted(RECEIVE))
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_refusal_keeps_the_round_going(
-    start: StartFn, case: str, caplog: pytest.LogCaptureFixture
+    start: StartFn, case: str, receive: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     reason, build = CASES[case]
-    agg: Running = start(make_study(sites=3, minSites=2, rounds=1))
+    agg: Running = start(
+        make_study(sites=3, minSites=2, rounds=1), spool_above_bytes=RECEIVE[receive]
+    )
     a, b = initialise(agg, "s0", "s1")
     ctx = Ctx(a, b, agg.site("s2"))
     assert a.submit(model(1.0), 1, num_samples=1, update_id=A_ID).accepted
@@ -150,8 +157,9 @@ def test_refusal_keeps_the_round_going(
     np.testing.assert_array_equal(g1["steps"], [25, 3])
 
 
-def test_concurrent_updates_are_staged_one_at_a_time(start: StartFn) -> None:
-    agg = start(make_study(sites=6, minSites=6, rounds=1))
+@pytest.mark.parametrize("receive", sorted(RECEIVE))
+def test_concurrent_updates_all_count(start: StartFn, receive: str) -> None:
+    agg = start(make_study(sites=6, minSites=6, rounds=1), spool_above_bytes=RECEIVE[receive])
     sites = initialise(agg, *[f"s{i}" for i in range(6)])
     receipts: list[pb.UpdateReceipt] = []
     lock = threading.Lock()
