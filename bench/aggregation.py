@@ -11,7 +11,10 @@ Measured in the same run, as floors:
 - ``numpy``: the weighted sum of as many model-sized float32 arrays as there are sites, in
   place, block by block (no network, no checks);
 - ``raw loopback``: a plain TCP socket between two processes, no TLS, no framing; its rate
-  gives the time the round's bytes (each site's download and upload) would take.
+  gives the time the round's bytes (each site's download and upload) would take;
+- ``TLS``: the same socket with mutual TLS (Python's ssl);
+- ``gRPC``: one client-streaming call of grpcio with mutual TLS between two processes, 1 MiB
+  messages of plain bytes (no protobuf, no checks): what the library itself can carry.
 
 Peak memory is the aggregator process's ``VmHWM`` (peak resident set); ``idle`` is its RSS
 once listening, before any model exists; ``x model`` is (peak - idle) / model bytes.
@@ -187,6 +190,82 @@ def raw_loopback_rate(nbytes: int, tls: bool = False) -> float:
     return nbytes / seconds
 
 
+def _grpc_sink(port_file: Path, tls_dir: Path) -> None:
+    """The receiving end of the gRPC floor: one method that copies each message into a
+    model-sized buffer, as a receiver must, and answers the byte count."""
+    import grpc
+
+    def put(messages: Any, context: Any) -> bytes:
+        size = 0
+        buf = bytearray(CHUNK_BYTES)
+        for m in messages:
+            buf[: len(m)] = m
+            size += len(m)
+        return size.to_bytes(8, "little")
+
+    handler = grpc.method_handlers_generic_handler(
+        "floor.Sink",
+        {"Put": grpc.stream_unary_rpc_method_handler(put, lambda b: b, lambda b: b)},
+    )
+    creds = grpc.ssl_server_credentials(
+        [((tls_dir / "server.key").read_bytes(), (tls_dir / "server.crt").read_bytes())],
+        root_certificates=(tls_dir / "ca.crt").read_bytes(),
+        require_client_auth=True,
+    )
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(2), handlers=[handler])
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    port_file.write_text(str(port))
+    server.wait_for_termination(timeout=600)
+
+
+def grpc_loopback_rate(nbytes: int) -> float:
+    """Bytes per second of one grpcio stream with mutual TLS to another process."""
+    import grpc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        _tls_contexts(folder)
+        port_file = folder / "port"
+        sink = subprocess.Popen(
+            [sys.executable, __file__, "grpc-sink", str(port_file), "--tls-dir", tmp]
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not port_file.exists() or not port_file.read_text():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the gRPC sink did not start")
+                time.sleep(0.01)
+            creds = grpc.ssl_channel_credentials(
+                (folder / "ca.crt").read_bytes(),
+                (folder / "client.key").read_bytes(),
+                (folder / "client.crt").read_bytes(),
+            )
+            target = f"127.0.0.1:{port_file.read_text()}"
+            with grpc.secure_channel(target, creds) as channel:
+                put = channel.stream_unary("/floor.Sink/Put", lambda b: b, lambda b: b)
+                payload = bytes(CHUNK_BYTES)
+
+                def messages() -> Any:
+                    sent = 0
+                    while sent < nbytes:
+                        n = min(CHUNK_BYTES, nbytes - sent)
+                        yield payload[:n] if n < CHUNK_BYTES else payload
+                        sent += n
+
+                started = time.perf_counter()
+                got = int.from_bytes(put(messages(), timeout=600), "little")
+                seconds = time.perf_counter() - started
+            if got != nbytes:
+                raise RuntimeError(f"the gRPC sink received {got} of {nbytes} bytes")
+        finally:
+            sink.kill()
+            sink.wait(30)
+    return nbytes / seconds
+
+
 # ----------------------------------------------------------------------------- one case
 
 
@@ -351,6 +430,9 @@ def main() -> int:
     sink = sub.add_parser("sink")
     sink.add_argument("port_file", type=Path)
     sink.add_argument("--tls-dir", type=Path)
+    grpc_sink = sub.add_parser("grpc-sink")
+    grpc_sink.add_argument("port_file", type=Path)
+    grpc_sink.add_argument("--tls-dir", type=Path, required=True)
     ap.add_argument("--params", nargs="+", default=["1M", "25M", "100M", "500M"])
     ap.add_argument("--sites", nargs="+", type=int, default=[2, 4, 8, 16])
     ap.add_argument("--rounds", type=int, default=3)
@@ -377,6 +459,9 @@ def main() -> int:
     if args.mode == "sink":
         _sink(args.port_file, args.tls_dir)
         return 0
+    if args.mode == "grpc-sink":
+        _grpc_sink(args.port_file, args.tls_dir)
+        return 0
 
     info = machine()
     print(header_line(info))
@@ -391,6 +476,7 @@ def main() -> int:
             mb = sum(s.nbytes for s in model_bytes)
             rate = raw_loopback_rate(min(4 * mb, 2 << 30))
             tls_rate = raw_loopback_rate(min(4 * mb, 2 << 30), tls=True)
+            grpc_rate = grpc_loopback_rate(min(4 * mb, 2 << 30))
             raw_rates[params] = rate
             for n in args.sites:
                 if 2 * n * mb > args.max_site_bytes:
@@ -404,6 +490,8 @@ def main() -> int:
                 case["raw_floor_s"] = case["transfer_bytes_per_round"] / rate
                 case["tls_loopback_Bps"] = tls_rate
                 case["tls_floor_s"] = case["transfer_bytes_per_round"] / tls_rate
+                case["grpc_loopback_Bps"] = grpc_rate
+                case["grpc_floor_s"] = case["transfer_bytes_per_round"] / grpc_rate
                 cases.append(case)
                 print(
                     f"{p_text:>5} params x {n:2d} sites: round {case['round_s']:.2f} s "
@@ -451,6 +539,10 @@ def main() -> int:
                 f"{c['transfer_rate_Bps'] / c['tls_loopback_Bps']:.2f}"
                 if "tls_loopback_Bps" in c
                 else "-",
+                f"{c['grpc_loopback_Bps'] / 2**20:,.0f}" if "grpc_loopback_Bps" in c else "-",
+                f"{c['transfer_rate_Bps'] / c['grpc_loopback_Bps']:.2f}"
+                if "grpc_loopback_Bps" in c
+                else "-",
                 f"{c['idle_rss'] / 2**20:,.0f}",
                 f"{c['peak_rss'] / 2**20:,.0f}",
                 f"{c['peak_over_model']:.2f}",
@@ -471,6 +563,8 @@ def main() -> int:
                 "of raw",
                 "TLS MiB/s",
                 "of TLS",
+                "gRPC MiB/s",
+                "of gRPC",
                 "idle MiB",
                 "peak MiB",
                 "x model",

@@ -137,8 +137,10 @@ class CheckpointStore:
         model: Weights,
         strategy_state: Mapping[str, Array],
         version: int,
+        model_digest: str | None = None,
     ) -> None:
-        """Writes a new model version and the state that names it."""
+        """Writes a new model version and the state that names it (``model_digest``: the
+        model's ``digest``, where the caller has it already)."""
         name = model_file_name(version)
         meta = {"version": str(version), "study": str(state.get("study", ""))}
         write_model_file(self.dir / name, model, strategy_state, meta)
@@ -147,7 +149,7 @@ class CheckpointStore:
             "model_file": name,
             "model_version": version,
             "model_tensors": [[s.name, s.dtype, list(s.shape)] for s in signature(model)],
-            "model_digest": digest(model),
+            "model_digest": model_digest or digest(model),
         }
         self.save_state(state)
         for old in self.dir.glob("model-*.safetensors"):

@@ -26,7 +26,7 @@ from fedstudy.spec import TREE_MODELS, StudyError, check_irb, load_study
 
 from .boosting import BoostingTracker
 from .checkpoint import CheckpointError
-from .rounds import SPOOL_ABOVE_BYTES
+from .rounds import SPOOL_ABOVE_BYTES, SPOOL_BUDGET_BYTES
 from .server import AggregatorServer, BindError, split_address
 
 
@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"ones into memory (default {SPOOL_ABOVE_BYTES}, 64 MiB)",
     )
     p.add_argument(
+        "--spool-budget-bytes",
+        type=_bytes,
+        default=SPOOL_BUDGET_BYTES,
+        help="how many bytes of spooled updates may arrive at once; other sites wait their "
+        "turn, one always goes; raise it for sites on slow links and a disk that keeps up "
+        f"(default {SPOOL_BUDGET_BYTES}, 1 GiB)",
+    )
+    p.add_argument(
         "--boosting-port",
         type=_port,
         default=DEFAULT_TRACKER_PORT,
@@ -179,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             boosting=boosting,
             spool_dir=args.spool_dir,
             spool_above_bytes=args.spool_above_bytes,
+            spool_budget_bytes=args.spool_budget_bytes,
         )
         server.start()
     except (CheckpointError, AuditError, BindError, OSError) as e:

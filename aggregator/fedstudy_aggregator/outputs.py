@@ -78,6 +78,7 @@ def build_summary(
     strategy: str,
     model: Weights | None,
     sites: Sequence[SiteRecord],
+    model_digest: str | None = None,
     history: History,
     refused: Mapping[str, int],
 ) -> dict[str, Any]:
@@ -92,7 +93,7 @@ def build_summary(
     if model is not None:
         model_info = {
             "file": MODEL_FILE,
-            "sha256": digest(model),
+            "sha256": model_digest or digest(model),
             "parameters": sum(int(a.size) for a in model.values()),
         }
     return {

@@ -83,6 +83,33 @@ MAX_WAIT_SECONDS = 30.0
 # ``strategies.Update``), so the aggregator holds the global model and the round's running
 # mean, and not the update too; smaller ones are received into memory.
 SPOOL_ABOVE_BYTES = 64 << 20
+# How many bytes of spooled updates may be arriving at once (always at least one update):
+# beyond the kernel's dirty-page threshold the spool files would be written out to disk
+# rather than read back from the page cache.
+SPOOL_BUDGET_BYTES = 1 << 30
+
+
+class ByteBudget:
+    """Admits work of a given size while the total in flight stays within ``limit`` (a
+    single item larger than the limit is admitted alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self, nbytes: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self.in_use == 0 or self.in_use + nbytes <= self.limit)
+            self.in_use += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= nbytes
+                self._cond.notify_all()
+
 
 Task = pb.TaskResponse
 
@@ -164,9 +191,12 @@ class Coordinator:
         *,
         spool_dir: Path | None = None,
         spool_above_bytes: int | None = SPOOL_ABOVE_BYTES,
+        spool_budget_bytes: int = SPOOL_BUDGET_BYTES,
     ) -> None:
         """``spool_dir`` (default ``state_dir/incoming``) receives the updates of models
-        above ``spool_above_bytes`` (None: every update is received into memory)."""
+        above ``spool_above_bytes`` (None: every update is received into memory), as many at
+        once as ``spool_budget_bytes`` holds."""
+        self._spooling = ByteBudget(spool_budget_bytes)
         self.study = study
         self.spool_dir = (
             None if spool_above_bytes is None else (spool_dir or state_dir / "incoming")
@@ -189,6 +219,8 @@ class Coordinator:
 
         self.phase = WAITING
         self.model: Weights | None = None
+        self._digested: Weights | None = None
+        self._digest = ""
         self.version: int | None = None
         self.reference: list[TensorSpec] | None = None
         self.sites: dict[str, SiteRecord] = {s.name: SiteRecord(s.name) for s in self.spec.sites}
@@ -271,7 +303,7 @@ class Coordinator:
         self.audit.resumed(
             str(st.get("phase")),
             self.version,
-            digest(self.model) if self.model is not None else None,
+            self.model_digest(),
         )
         if st.get("phase") == DONE:
             self.phase = DONE
@@ -289,6 +321,16 @@ class Coordinator:
             planned_rounds=self.spec.rounds,
             next_round=self._next_round(),
         )
+
+    def model_digest(self) -> str | None:
+        """The global model's ``digest``, computed once per model (models are never changed
+        in place: a new version is a new mapping)."""
+        if self.model is None:
+            return None
+        if self._digested is not self.model:
+            self._digest = digest(self.model)
+            self._digested = self.model
+        return self._digest
 
     def _state_json(self) -> dict[str, Any]:
         return {
@@ -328,7 +370,11 @@ class Coordinator:
         assert self.version is not None
         try:
             self.store.save(
-                self._state_json(), self.model, self.strategy.state_dict(), self.version
+                self._state_json(),
+                self.model,
+                self.strategy.state_dict(),
+                self.version,
+                model_digest=self.model_digest(),
             )
         except OSError as e:
             raise self._disk_failure(f"checkpoint of model version {self.version}", e) from e
@@ -381,6 +427,7 @@ class Coordinator:
             version=self.version,
             strategy=self.strategy.name,
             model=self.model,
+            model_digest=self.model_digest(),
             sites=list(self.sites.values()),
             history=self.history,
             refused=self.refused,
@@ -478,7 +525,7 @@ class Coordinator:
                 r,
                 participants=self.answered,
                 excluded=self.excluded,
-                model_digest=digest(self.model or {}),
+                model_digest=self.model_digest() or digest({}),
                 duration_s=self.last_round_duration or 0.0,
                 site_epsilon=self._site_epsilon(),
                 server_privacy=self.server_privacy(),
@@ -539,7 +586,7 @@ class Coordinator:
                 completed=completed,
                 ended_reason=reason,
                 rounds_completed=self.version or 0,
-                model_digest=digest(self.model) if self.model is not None else None,
+                model_digest=self.model_digest(),
                 refused_updates=self.refused,
                 sites={
                     s.name: {
@@ -829,9 +876,10 @@ class Coordinator:
         try:
             with self.cond:
                 expected, bound = self._check_header(h)
-            spool = self.spool_dir is not None and model_bytes(expected) > self.spool_above_bytes
+            size = model_bytes(expected)
+            spool = self.spool_dir is not None and size > self.spool_above_bytes
             # In memory, one update is staged at a time; spooled ones stream in side by side.
-            with contextlib.nullcontext() if spool else self._staging:
+            with self._spooling.take(size) if spool else self._staging:
                 with self.cond:
                     self._check_still_open(h)
                     base = self.model if h.round > 0 else None
@@ -1064,6 +1112,7 @@ class Coordinator:
                 ),
             )
             self.model = weights
+            self._digested, self._digest = weights, found.digest
             self.version = 0
             self.reference = signature(weights)
             self.init_lease = None

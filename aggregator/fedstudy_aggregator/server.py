@@ -21,7 +21,7 @@ from fedstudy.tls import server_credentials
 from fedstudy.wire import aggregator_pb2_grpc as pb_grpc
 
 from .boosting import BoostingTracker, TrackerError
-from .rounds import SPOOL_ABOVE_BYTES, Coordinator
+from .rounds import SPOOL_ABOVE_BYTES, SPOOL_BUDGET_BYTES, Coordinator
 from .service import AggregatorService
 from .web import HttpServer
 
@@ -79,6 +79,7 @@ class AggregatorServer:
         boosting: BoostingTracker | None = None,
         spool_dir: Path | None = None,
         spool_above_bytes: int | None = SPOOL_ABOVE_BYTES,
+        spool_budget_bytes: int = SPOOL_BUDGET_BYTES,
     ) -> None:
         self.log = log or logging.getLogger("aggregator")
         self.state_dir = state_dir
@@ -96,6 +97,7 @@ class AggregatorServer:
             self.log,
             spool_dir=spool_dir,
             spool_above_bytes=spool_above_bytes,
+            spool_budget_bytes=spool_budget_bytes,
         )
         workers = 2 * len(study.spec.sites) + 8
         self._grpc = grpc.server(

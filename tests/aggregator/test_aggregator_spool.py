@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from aggtest import Running, StartFn, header, initialise, make_study, model, tensor_messages
+from fedstudy_aggregator.rounds import ByteBudget
 
 from fedstudy.tensors import Weights, total_bytes
 from fedstudy.wire import aggregator_pb2 as pb
@@ -101,3 +102,37 @@ def test_a_dropped_spooled_stream_leaves_no_file_behind(start: StartFn, tmp_path
     agg.wait_for(lambda s: s["completed_rounds"] == 1)
     np.testing.assert_allclose(a.download(1)["b"], np.full(3, 2.5))
     assert _spool_fds(spool_dir) == []
+
+
+def test_the_spool_budget_admits_updates_while_their_bytes_fit() -> None:
+    budget = ByteBudget(1000)
+    order: list[str] = []
+    first_in = threading.Event()
+    release_first = threading.Event()
+
+    def hold(name: str, nbytes: int, entered: threading.Event, release: threading.Event) -> None:
+        with budget.take(nbytes):
+            order.append(f"{name} in")
+            entered.set()
+            release.wait(5)
+            order.append(f"{name} out")
+
+    a = threading.Thread(target=hold, args=("a", 600, first_in, release_first))
+    a.start()
+    assert first_in.wait(5)
+    with budget.take(400):  # fits next to a's 600
+        order.append("b in and out")
+    b_in = threading.Event()
+    go_on = threading.Event()
+    go_on.set()
+    b = threading.Thread(target=hold, args=("c", 600, b_in, go_on))
+    b.start()
+    assert not b_in.wait(0.2)  # 600 + 600 is over the budget: c waits for a
+    release_first.set()
+    assert b_in.wait(5)
+    a.join(5)
+    b.join(5)
+    assert order == ["a in", "b in and out", "a out", "c in", "c out"]
+    with budget.take(5000):  # larger than the whole budget: admitted alone
+        assert budget.in_use == 5000
+    assert budget.in_use == 0
