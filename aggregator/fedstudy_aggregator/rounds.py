@@ -5,9 +5,13 @@ States: ``waiting`` (no initial model yet, or fewer than ``minSites`` joined), `
 ``done``. Every call that changes something ends in ``_advance()``, which moves the machine
 as far as the new facts allow; long polls wait on the condition and are woken by each change.
 
-Updates are received one at a time into one staging buffer (``_staging``), checked whole,
-then folded into the strategy's running mean: memory stays near one model whatever the
-number of sites. Refusals never stop a round.
+An update is received whole before it counts. A small model's update is received into
+memory, one at a time (``_staging``); a large model's (above ``spool_above_bytes``) into a
+nameless spool file, several side by side within a byte budget (``_spooling``). Then one pass
+(``examine``) refuses NaN and infinity and computes the update's digest and the norm of its
+change, and the strategy folds it into its running mean a block at a time. The aggregator
+holds the global model and the running mean, and a spooled update never: memory stays near
+two models whatever the number of sites. Refusals never stop a round.
 """
 
 from __future__ import annotations
