@@ -17,6 +17,7 @@ from fedstudy.tensors import (
     TensorSpec,
     WireError,
     digest,
+    encoded_chunks,
     from_chunks,
     signature,
     signature_problem,
@@ -65,6 +66,17 @@ def test_round_trip_at_any_chunk_size(chunk_bytes: int) -> None:
         assert back[k].dtype == model[k].dtype
         np.testing.assert_array_equal(back[k], model[k])
     assert digest(back) == digest(model)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 200, 1 << 20])
+def test_encoded_chunks_are_the_serialized_chunks(chunk_bytes: int) -> None:
+    model = {**_model(), "big-endian": np.arange(40, dtype=">f4")}
+    messages = list(to_chunks(model, chunk_bytes=chunk_bytes))
+    encoded = list(encoded_chunks(model, chunk_bytes=chunk_bytes))
+    assert [tensors_pb2.TensorChunk.FromString(b) for b in encoded] == messages
+    back = from_chunks(tensors_pb2.TensorChunk.FromString(b) for b in encoded)
+    for k, arr in model.items():
+        np.testing.assert_array_equal(back[k], arr)
 
 
 def test_big_endian_input_arrives_as_the_same_values() -> None:

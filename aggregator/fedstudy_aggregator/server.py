@@ -18,11 +18,10 @@ from fedstudy.fsutil import atomic_write_json
 from fedstudy.logs import event
 from fedstudy.spec import FederatedStudy
 from fedstudy.tls import server_credentials
-from fedstudy.wire import aggregator_pb2_grpc as pb_grpc
 
 from .boosting import BoostingTracker, TrackerError
 from .rounds import SPOOL_ABOVE_BYTES, SPOOL_BUDGET_BYTES, Coordinator
-from .service import AggregatorService
+from .service import AggregatorService, add_to_server
 from .web import HttpServer
 
 ENDPOINT_FILE = "endpoint.json"
@@ -104,7 +103,7 @@ class AggregatorServer:
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             options=[("grpc.so_reuseport", 0)],
         )
-        pb_grpc.add_AggregatorServicer_to_server(
+        add_to_server(
             AggregatorService(self.coord, self.log, verify_identity=tls is not None), self._grpc
         )
         self._http: HttpServer | None = None
