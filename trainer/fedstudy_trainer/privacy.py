@@ -12,6 +12,9 @@
 - ``Ledger``: every step's (noise multiplier, sample rate), compressed as runs, on the site's
   state volume, written atomically before an update leaves the site. A restarted trainer
   continues it; an unreadable ledger is an error, never a fresh start.
+
+Opacus (with the parts of torch.distributed and SciPy it pulls in: most of a second) is
+imported by the functions that use it, so a study without ``spec.privacy`` never loads it.
 """
 
 from __future__ import annotations
@@ -25,13 +28,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from opacus.accountants import create_accountant  # type: ignore[import-untyped]
-from opacus.accountants.utils import get_noise_multiplier  # type: ignore[import-untyped]
-from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping  # type: ignore[import-untyped]
-from opacus.layers.dp_rnn import RNNLinear  # type: ignore[import-untyped]
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping  # type: ignore[import-untyped]
-from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping  # type: ignore[import-untyped]
-from opacus.validators import ModuleValidator  # type: ignore[import-untyped]
 from torch import nn
 from torch.nn import functional
 
@@ -87,6 +83,8 @@ def epsilon_of(runs: list[Run], delta: float, accountant: str) -> float:
             "spec.privacy.accountant: gdp cannot compose steps of different noise multipliers "
             "or sample rates (this site's ledger holds several); use rdp or prv"
         )
+    from opacus.accountants import create_accountant  # type: ignore[import-untyped]
+
     acc = create_accountant(mechanism=accountant)
     if accountant == "gdp":
         acc.history = [(runs[0].noise, runs[0].sample_rate, sum(r.steps for r in runs))]
@@ -104,6 +102,8 @@ def sample_rate_of(batch_size: int, n_train: int) -> float:
 def calibrate(privacy: Privacy, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier (to Opacus's tolerance) whose ε after ``steps`` steps at
     ``sample_rate`` is at most ``privacy.targetEpsilon``."""
+    from opacus.accountants.utils import get_noise_multiplier  # type: ignore[import-untyped]
+
     try:
         return float(
             get_noise_multiplier(
@@ -189,6 +189,8 @@ class Ledger:
 
 def check_model(model: nn.Module) -> None:
     """Refuses layers DP-SGD cannot handle (BatchNorm mixes rows, ...), naming each layer."""
+    from opacus.validators import ModuleValidator  # type: ignore[import-untyped]
+
     problems = []
     for name, sub in model.named_modules():
         validator = ModuleValidator.VALIDATORS.get(type(sub))
@@ -219,6 +221,9 @@ def choose_mode(model: nn.Module) -> Mode:
     (``RNNLinear``) once per time step: a row's gradient is the sum over its steps, which the
     per-sample gradient hooks compute and a linear layer's norm sampler does not, so such a
     model always trains with hooks."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping  # type: ignore[import-untyped]
+    from opacus.layers.dp_rnn import RNNLinear  # type: ignore[import-untyped]
+
     samplers = GradSampleModuleFastGradientClipping.NORM_SAMPLERS
     for sub in model.modules():
         if isinstance(sub, RNNLinear):
@@ -244,6 +249,8 @@ class DPSettings:
 
 
 def _wrap(model: nn.Module, mode: Mode, settings: DPSettings) -> nn.Module:
+    from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+
     wrapped: nn.Module
     if mode == "ghost":
         wrapped = GradSampleModuleFastGradientClipping(
@@ -285,6 +292,10 @@ def train_private(
     """
     if runtime.loss_scaling:
         raise ValueError("DP-SGD cannot train with float16 loss scaling; use bfloat16")
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping  # type: ignore[import-untyped]
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping  # type: ignore[import-untyped]
+
     started = time.perf_counter()
     mode = mode or choose_mode(model)
     model.to(runtime.device)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from opacus.layers import DPGRU, DPLSTM  # type: ignore[import-untyped]
 from torch import nn
 from torch.nn import functional
 
@@ -37,10 +36,13 @@ class RecurrentClassifier(nn.Module):
         super().__init__()
         classes: dict[tuple[str, bool], type[nn.Module]] = {
             ("gru", False): nn.GRU,
-            ("gru", True): DPGRU,
             ("lstm", False): nn.LSTM,
-            ("lstm", True): DPLSTM,
         }
+        if private:
+            # Opacus only under DP-SGD: importing it takes most of a second.
+            from opacus.layers import DPGRU, DPLSTM  # type: ignore[import-untyped]
+
+            classes.update({("gru", True): DPGRU, ("lstm", True): DPLSTM})
         if (kind, private) not in classes:
             raise ValueError(f"no recurrent layer {kind!r}")
         self.rnn = classes[kind, private](
