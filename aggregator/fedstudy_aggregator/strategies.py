@@ -187,18 +187,23 @@ class Update:
             yield start, self._scaled(name, start, flat[start : start + block_values])
 
     def array(self, name: str, dtype: np.dtype[np.generic] | None = None) -> Array:
-        """The whole tensor (in ``dtype`` where given)."""
+        """The whole tensor (in ``dtype`` where given), filled a block at a time; owned
+        in-memory arrays that need no change are handed over as they are."""
         if isinstance(self.values, SpooledWeights):
-            arr = self.values.array(name)
-            if self.scale != 1.0:
-                arr = self._scaled(name, 0, arr.reshape(-1)).reshape(arr.shape)
-            return arr if dtype is None or arr.dtype == dtype else arr.astype(dtype)
-        src = np.asarray(self.values[name])
-        if self.scale != 1.0:
-            src = self._scaled(name, 0, src.reshape(-1)).reshape(src.shape)
-        elif not self.owned:
-            src = src.copy()
-        return src if dtype is None or src.dtype == dtype else src.astype(dtype)
+            spec = self.values.specs[name]
+            shape, own_dtype = spec.shape, np.dtype(spec.dtype).newbyteorder("<")
+            if self.scale == 1.0 and (dtype is None or own_dtype == dtype):
+                return self.values.array(name)  # read straight into its array
+        else:
+            src = np.asarray(self.values[name])
+            if self.owned and self.scale == 1.0 and (dtype is None or src.dtype == dtype):
+                return src
+            shape, own_dtype = src.shape, src.dtype
+        out: Array = np.empty(shape, dtype=own_dtype if dtype is None else dtype)
+        flat = out.reshape(-1)
+        for start, block in self.blocks(name):
+            flat[start : start + block.size] = block
+        return out
 
     def load(self) -> Weights:
         names = self.values.specs if isinstance(self.values, SpooledWeights) else self.values
