@@ -80,6 +80,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out=Path(args.out) if args.out else None,
         progress=args.progress,
         keep_state=args.keep_state,
+        isolated_processes=args.isolated_processes,
     )
 
 
@@ -191,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-state",
         action="store_true",
         help="resume from the output folder's state instead of starting afresh",
+    )
+    p.add_argument(
+        "--isolated-processes",
+        action="store_true",
+        help="start every trainer and the export as a fresh Python process, as in a pod "
+        "(slower: each imports PyTorch on its own; by default they are forked from one "
+        "process that imported it once)",
     )
     p.set_defaults(func=_cmd_run)
 

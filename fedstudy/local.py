@@ -8,14 +8,12 @@ aggregator's ``/status``, and stops everything when one of them fails or on Ctrl
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
-import os
 import shutil
 import signal
-import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,13 +21,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from fedstudy.certs import init_ca_dir, issue_cert, read_credentials, write_credentials
+from fedstudy.launch import ChildProcess, Launcher
 from fedstudy.report import ReportError, epsilon_budget_of, write_report
 from fedstudy.spec import FederatedStudy, StudyError, check_irb, check_local_files, load_study
 
@@ -46,26 +45,19 @@ EXPORT_TIMEOUT_S = 600.0
 # study's model has no ONNX export (xgboost trees, say): the run goes on without model.onnx.
 EXPORT_SKIPPED = (3, 4)
 STARTUP_TIMEOUT_S = 60.0
+# How often the engine asks the aggregator's /status (it notices the aggregator's exit at once).
+POLL_S = 0.25
 
 
 class StudyFailed(RuntimeError):
     pass
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Asks Linux to send SIGTERM to the child if the engine dies without cleaning up."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 @dataclass
 class Child:
     name: str
-    proc: subprocess.Popen[bytes]
+    proc: ChildProcess
     log_path: Path
-    log_file: IO[bytes]
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -80,22 +72,13 @@ class Supervisor:
     """Starts and watches the study's processes; ``stop`` leaves none behind."""
 
     log_dir: Path
+    launcher: Launcher = field(default_factory=lambda: Launcher(forked=False))
     children: list[Child] = field(default_factory=list)
 
     def start(self, name: str, args: list[str]) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fedstudy", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-        child = Child(name, proc, log_path, log_file)
+        child = Child(name, self.launcher.start(args, log_path), log_path)
         self.children.append(child)
         return child
 
@@ -108,16 +91,13 @@ class Supervisor:
 
     def stop(self, grace_s: float = 5.0) -> None:
         for c in self.children:
-            if c.proc.poll() is None:
-                c.proc.terminate()
+            c.proc.terminate()
         deadline = time.monotonic() + grace_s
         for c in self.children:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            if c.proc.poll() is None:
+            if c.proc.wait(timeout=max(0.0, deadline - time.monotonic())) is None:
                 c.proc.kill()
                 c.proc.wait()
-            c.log_file.close()
+            c.proc.close()
 
 
 def _get_status(http_addr: str, timeout: float = 2.0) -> dict[str, Any] | None:
@@ -319,25 +299,50 @@ def provision_tls(study: FederatedStudy, tls_dir: Path) -> dict[str, Path]:
     return dirs
 
 
-def export_model(study: FederatedStudy, study_file: str, out: Path) -> tuple[int, str]:
-    """Runs ``fedstudy export`` on the study's final model, checked on every site's test
-    rows; returns (exit code, what it printed)."""
-    cmd = [sys.executable, "-m", "fedstudy", "export", str(out / "model.safetensors")]
-    cmd += ["--study", study_file, "--out", str(out / "model.onnx")]
+@dataclass
+class Export:
+    """A running ``fedstudy export``; its stdout and stderr go to two files in ``said``."""
+
+    proc: ChildProcess
+    said: Path
+
+    def result(self) -> tuple[int, str]:
+        """Waits for the export; returns (exit code, what it printed)."""
+        try:
+            code = self.proc.wait(timeout=EXPORT_TIMEOUT_S)
+        finally:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc.close()
+        text = ""
+        with contextlib.suppress(OSError):
+            text = (self.said / "stdout").read_text(errors="replace")
+            text += (self.said / "stderr").read_text(errors="replace")
+        shutil.rmtree(self.said, ignore_errors=True)
+        if code is None:
+            return 1, f"the export took more than {EXPORT_TIMEOUT_S:.0f} s"
+        return code, text.strip()
+
+    def cancel(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.close()
+        shutil.rmtree(self.said, ignore_errors=True)
+
+
+def start_export(study: FederatedStudy, study_file: str, out: Path, launcher: Launcher) -> Export:
+    """Starts ``fedstudy export`` on the study's final model, checked on every site's test
+    rows."""
+    args = ["export", str(out / "model.safetensors"), "--study", study_file]
+    args += ["--out", str(out / "model.onnx")]
     for site in study.spec.sites:
-        cmd += ["--site", site.name]
+        args += ["--site", site.name]
+    said = Path(tempfile.mkdtemp(prefix="fedstudy-export-"))
     try:
-        r = subprocess.run(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=EXPORT_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return 1, f"the export took more than {EXPORT_TIMEOUT_S:.0f} s"
-    return r.returncode, (r.stdout + r.stderr).strip()
+        return Export(launcher.start(args, said / "stdout", said / "stderr"), said)
+    except BaseException:
+        shutil.rmtree(said, ignore_errors=True)
+        raise
 
 
 def _error(*lines: str) -> None:
@@ -352,8 +357,13 @@ def run_study(
     progress: str = "auto",
     keep_state: bool = False,
     console: Console | None = None,
+    isolated_processes: bool = False,
 ) -> int:
-    """Runs the study; returns the process exit code (0 when it completed)."""
+    """Runs the study; returns the process exit code (0 when it completed).
+
+    The trainers and the export are children of a fork server that imports them once
+    (``fedstudy.launch``); with ``isolated_processes``, each is a fresh interpreter.
+    """
     console = console or Console(soft_wrap=True)
     try:
         study = load_study(study_path)
@@ -364,9 +374,28 @@ def run_study(
         return 2
 
     out = (out or Path("fedstudy-out") / study.name).resolve()
+    launcher = Launcher(forked=not isolated_processes)
+    # The fork server's imports take seconds: they overlap the certificates and the
+    # aggregator's start.
+    launcher.warm()
+    try:
+        return _run(study, study_path, out, progress, keep_state, console, launcher)
+    finally:
+        launcher.close()
+
+
+def _run(
+    study: FederatedStudy,
+    study_path: Path,
+    out: Path,
+    progress: str,
+    keep_state: bool,
+    console: Console,
+    launcher: Launcher,
+) -> int:
     prepare_out(out, keep_state)
     study_file = str(study_path.resolve())
-    sup = Supervisor(out / "logs")
+    sup = Supervisor(out / "logs", launcher)
     agg_state = out / "state" / "aggregator"
     agg_state.mkdir(parents=True, exist_ok=True)
     tls_dirs = provision_tls(study, out / "state" / "tls")
@@ -433,11 +462,10 @@ def run_study(
                     status = _get_status(str(ep["http"]))
                     if status is not None:
                         prog.update(status)
-                    time.sleep(0.25)
+                    agg.proc.wait(timeout=POLL_S)  # returns as soon as the aggregator exits
             # The aggregator is done; the trainers were told and exit by themselves.
             for c in sup.children:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    c.proc.wait(timeout=15)
+                c.proc.wait(timeout=15)
                 if c.proc.returncode not in (0, None):
                     raise StudyFailed(f"{c.name} exited with code {c.proc.returncode}:\n{c.tail()}")
     except KeyboardInterrupt:
@@ -456,8 +484,21 @@ def run_study(
     prog.finish(summary)
     console.print(summary_table(summary, study.spec.task.metric))
     exported = True
+    export = None
     if (out / "model.safetensors").exists():
-        code, said = export_model(study, study_file, out)
+        export = start_export(study, study_file, out, launcher)
+    # The report is written while the export runs; each says its piece in that order.
+    report: Path | Exception
+    try:
+        report = write_report(out, study.spec.task.metric, epsilon_budget_of(study.spec))
+    except (ReportError, OSError) as e:
+        report = e
+    except BaseException:
+        if export is not None:
+            export.cancel()
+        raise
+    if export is not None:
+        code, said = export.result()
         if code == 0:
             console.print(said.splitlines()[-1] if said else "model.onnx exported", markup=False)
         elif code in EXPORT_SKIPPED:
@@ -465,11 +506,10 @@ def run_study(
         else:
             exported = False
             _error(f"study {study.name}: the ONNX export failed:", *said.splitlines())
-    try:
-        report = write_report(out, study.spec.task.metric, epsilon_budget_of(study.spec))
+    if isinstance(report, Exception):
+        _error(f"study {study.name}: could not write the report: {report}")
+    else:
         console.print(f"report: {report}", markup=False)
-    except (ReportError, OSError) as e:
-        _error(f"study {study.name}: could not write the report: {e}")
     elapsed = time.monotonic() - started
     if not summary.get("completed", False):
         _error(

@@ -24,7 +24,9 @@ def free_port() -> int:
         return port
 
 
-def fedstudy(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def fedstudy(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Runs the ``fedstudy`` command line with this Python; output captured, never raises."""
     return subprocess.run(
         [sys.executable, "-m", "fedstudy", *args],
@@ -32,6 +34,7 @@ def fedstudy(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
         text=True,
         timeout=timeout,
         check=False,
+        env=env,
     )
 
 

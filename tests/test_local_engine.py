@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,31 +127,84 @@ def test_expired_irb_stops_the_run(tmp_path: Path) -> None:
     assert "IRB approval of protocol IRB-2020-7 expired on 2021-01-01" in r.stderr
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
+RUN_MARK = "FEDSTUDY_TEST_RUN"
+
+
+def _run_env(tag: Path) -> dict[str, str]:
+    """The environment of a ``fedstudy run`` whose processes ``_processes_of(tag)`` finds."""
+    return dict(os.environ, **{RUN_MARK: str(tag)})
+
+
+@dataclass
+class Proc:
+    pid: int
+    ppid: int
+    cmdline: str
+    stdout: str  # where its fd 1 points
+
+
+def _processes_of(tag: Path) -> dict[int, Proc]:
+    """The processes of the run started with ``_run_env(tag)``, however far down: each
+    inherits the environment it was started with (forked children, their server's)."""
+    needle = f"{RUN_MARK}={tag}\0".encode()
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if needle not in (entry / "environ").read_bytes():
+                continue
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stdout = os.readlink(entry / "fd" / "1")
         except OSError:
             continue
-        if text in cmd and int(entry.name) != os.getpid():
-            pids.append(int(entry.name))
-    return pids
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        found[int(entry.name)] = Proc(int(entry.name), ppid, cmd, stdout)
+    return found
 
 
-def _wait_gone(text: str, timeout: float = 15) -> list[int]:
+def _wait_gone(tag: Path, timeout: float = 15) -> list[Proc]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        left = _processes_mentioning(text)
+        left = _processes_of(tag)
         if not left:
             return []
         time.sleep(0.1)
-    return _processes_mentioning(text)
+    return list(_processes_of(tag).values())
 
 
-def test_a_failing_trainer_stops_everything(tmp_path: Path) -> None:
+def _trainers(tag: Path, out: Path) -> list[Proc]:
+    return [p for p in _processes_of(tag).values() if p.stdout.startswith(f"{out}/logs/trainer-")]
+
+
+def _start_run(tag: Path, study: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+    """``fedstudy run`` in a session of its own (a Ctrl-C goes to its whole group)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedstudy", "run", str(study), "--out", str(out), "--progress",
+         "plain", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_run_env(tag),
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _wait_trainers(tag: Path, out: Path, count: int) -> list[Proc]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(_trainers(tag, out)) < count:
+        time.sleep(0.1)
+    found = _trainers(tag, out)
+    assert len(found) == count, f"the trainers did not start: {_processes_of(tag)}"
+    return found
+
+
+MODES = pytest.mark.parametrize("mode", [[], ["--isolated-processes"]], ids=["forked", "isolated"])
+
+
+@MODES
+def test_a_failing_trainer_stops_everything(tmp_path: Path, mode: list[str]) -> None:
     table = tmp_path / "site.csv"
     table.write_text("a,b\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
     doc = yaml.safe_load((EXAMPLES / "breast-cancer.yaml").read_text())
@@ -159,38 +213,105 @@ def test_a_failing_trainer_stops_everything(tmp_path: Path) -> None:
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
-    r = fedstudy("run", str(path), "--out", str(out), "--progress", "plain")
+    r = fedstudy(
+        "run", str(path), "--out", str(out), "--progress", "plain", *mode, env=_run_env(tmp_path)
+    )
     assert r.returncode == 1
-    assert "trainer-south exited with code" in r.stderr
+    # The trainer's exit code (2: the data was refused) and the tail of its log.
+    assert "trainer-south exited with code 2:" in r.stderr
     assert "malignant" in r.stderr  # the missing label column is named
-    assert _wait_gone(str(out)) == []
+    assert "Traceback" not in r.stderr
+    assert _wait_gone(tmp_path) == []
 
 
-def test_ctrl_c_leaves_no_process_behind(tmp_path: Path) -> None:
+def test_trainers_are_forked_from_one_preloaded_process(tmp_path: Path) -> None:
     study = small_study(tmp_path, rounds=500)
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fedstudy",
-            "run",
-            str(study),
-            "--out",
-            str(out),
-            "--progress",
-            "plain",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(_processes_mentioning(str(out))) < 6:
-        time.sleep(0.2)
-    assert len(_processes_mentioning(str(out))) >= 6, "the study's processes did not start"
+    proc = _start_run(tmp_path, study, out)
+    try:
+        trainers = _wait_trainers(tmp_path, out, 4)
+        # No fresh interpreter per site: one parent, the fork server, a child of the engine.
+        assert {p.ppid for p in trainers} != {proc.pid}
+        assert len({p.ppid for p in trainers}) == 1
+        server = _processes_of(tmp_path)[trainers[0].ppid]
+        assert server.ppid == proc.pid
+        assert "from fedstudy.launch import serve" in server.cmdline
+        assert "fedstudy_trainer.main" in server.cmdline  # what it imported before forking
+        for t in trainers:
+            assert "fedstudy trainer" not in t.cmdline
+        sites = sorted(Path(t.stdout).name for t in trainers)
+        assert sites == [f"trainer-{s}.log" for s in ("east", "north", "south", "west")]
+        # The aggregator is a process of its own.
+        (agg,) = [p for p in _processes_of(tmp_path).values() if "fedstudy aggregator" in p.cmdline]
+        assert agg.ppid == proc.pid
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    assert _wait_gone(tmp_path) == []
+
+
+def test_isolated_processes_start_a_fresh_interpreter_per_trainer(tmp_path: Path) -> None:
+    study = small_study(tmp_path, rounds=500)
+    out = tmp_path / "out"
+    proc = _start_run(tmp_path, study, out, "--isolated-processes")
+    try:
+        trainers = _wait_trainers(tmp_path, out, 4)
+        assert {p.ppid for p in trainers} == {proc.pid}
+        for t in trainers:
+            assert "-m fedstudy trainer --study" in t.cmdline
+        assert not any("fedstudy.launch" in p.cmdline for p in _processes_of(tmp_path).values())
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    assert _wait_gone(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "how"),
+    [
+        ([], "ctrl-c"),
+        ([], "sigint"),
+        ([], "sigterm"),
+        ([], "sigkill"),
+        (["--isolated-processes"], "ctrl-c"),
+        (["--isolated-processes"], "sigterm"),
+    ],
+)
+def test_stopping_the_run_leaves_no_process_behind(
+    tmp_path: Path, mode: list[str], how: str
+) -> None:
+    study = small_study(tmp_path, rounds=500)
+    out = tmp_path / "out"
+    proc = _start_run(tmp_path, study, out, *mode)
+    _wait_trainers(tmp_path, out, 4)
     time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+    if how == "ctrl-c":  # a terminal's Ctrl-C: SIGINT to every process of the group
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        signals = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}
+        proc.send_signal(signals[how])  # to the engine alone
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130, err
-    assert _wait_gone(str(out)) == []
+    if how == "sigkill":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 130, err
+        assert "interrupted: stopped the aggregator and every trainer" in err
+    assert _wait_gone(tmp_path) == []
+
+
+def test_isolated_processes_give_the_same_study(tmp_path: Path) -> None:
+    study = small_study(tmp_path)
+    results = {}
+    for name, mode in (("forked", []), ("isolated", ["--isolated-processes"])):
+        out = tmp_path / name
+        r = fedstudy("run", str(study), "--out", str(out), "--progress", "plain", *mode)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"{out}/model.onnx: exported, checked on 173 test rows of 4 sites" in r.stdout
+        assert f"report: {out}/report.md" in r.stdout
+        results[name] = check_outputs(out, 4, ["north", "south", "east", "west"])
+    # The same training; the aggregator sums the updates in the order they arrive, so the
+    # last bits may differ.
+    forked, isolated = (results[n]["global"]["site_mean"] for n in ("forked", "isolated"))
+    assert forked.keys() == isolated.keys()
+    for k in forked:
+        assert forked[k] == pytest.approx(isolated[k], rel=1e-6), k
