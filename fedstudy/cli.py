@@ -73,15 +73,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedstudy.local import run_study
+    from fedstudy.launch import Launcher
 
-    return run_study(
-        Path(args.study),
-        out=Path(args.out) if args.out else None,
-        progress=args.progress,
-        keep_state=args.keep_state,
-        isolated_processes=args.isolated_processes,
-    )
+    # The fork server of the trainers starts first: its imports take seconds, and overlap
+    # the engine's own, the checks of the study and the aggregator's start.
+    launcher = Launcher(forked=not args.isolated_processes)
+    launcher.warm()
+    try:
+        from fedstudy.local import run_study
+
+        return run_study(
+            Path(args.study),
+            out=Path(args.out) if args.out else None,
+            progress=args.progress,
+            keep_state=args.keep_state,
+            launcher=launcher,
+        )
+    finally:
+        launcher.close()
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -227,18 +227,16 @@ class ForkServer:
         return True
 
     def close(self) -> None:
-        """Ends the server, at once (a child still running gets SIGTERM as it ends)."""
+        """Ends the server, at once, importing or not (a child still running gets SIGTERM
+        as the server ends)."""
         with contextlib.suppress(OSError):
-            self._requests.close()  # an idle server exits when its requests end
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=0.5)
-        if self.proc.poll() is None:  # still importing, say
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self._requests.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         assert self.proc.stdout is not None
         self.proc.stdout.close()
 

@@ -358,11 +358,14 @@ def run_study(
     keep_state: bool = False,
     console: Console | None = None,
     isolated_processes: bool = False,
+    launcher: Launcher | None = None,
 ) -> int:
     """Runs the study; returns the process exit code (0 when it completed).
 
     The trainers and the export are children of a fork server that imports them once
-    (``fedstudy.launch``); with ``isolated_processes``, each is a fresh interpreter.
+    (``fedstudy.launch``); with ``isolated_processes``, each is a fresh interpreter. A
+    caller may pass the ``launcher`` (and close it): ``fedstudy run`` starts its fork server
+    before it imports this module.
     """
     console = console or Console(soft_wrap=True)
     try:
@@ -374,14 +377,16 @@ def run_study(
         return 2
 
     out = (out or Path("fedstudy-out") / study.name).resolve()
-    launcher = Launcher(forked=not isolated_processes)
-    # The fork server's imports take seconds: they overlap the certificates and the
-    # aggregator's start.
-    launcher.warm()
+    own = launcher is None
+    launcher = launcher or Launcher(forked=not isolated_processes)
     try:
+        # The fork server's imports take seconds: they overlap the certificates and the
+        # aggregator's start.
+        launcher.warm()
         return _run(study, study_path, out, progress, keep_state, console, launcher)
     finally:
-        launcher.close()
+        if own:
+            launcher.close()
 
 
 def _run(
