@@ -29,7 +29,7 @@ from rich.table import Table
 
 from fedstudy.certs import init_ca_dir, issue_cert, read_credentials, write_credentials
 from fedstudy.launch import ChildProcess, Launcher
-from fedstudy.report import ReportError, epsilon_budget_of, write_report
+from fedstudy.report import ReportError, epsilon_budget_of, import_plotting, write_report
 from fedstudy.spec import FederatedStudy, StudyError, check_irb, check_local_files, load_study
 
 OUTPUT_FILES = (
@@ -437,6 +437,10 @@ def _run(
                 ],
             )
             ep = _wait_endpoint(agg_state / "endpoint.json", agg, STARTUP_TIMEOUT_S)
+            if launcher.forked:
+                # The first trainer waits for the fork server's imports, which keep one core
+                # busy: the other imports the report's plotting library meanwhile.
+                import_plotting()
             for site in study.spec.sites:
                 sup.start(
                     f"trainer-{site.name}",

@@ -9,6 +9,7 @@ the tables only and says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -137,14 +138,27 @@ def _fmt(v: Any) -> str:
 # ---------------------------------------------------------------------------- plots
 
 
-def _plots(
-    outputs: StudyOutputs, metric: str, plot_dir: Path, epsilon_budget: float | None
-) -> list[tuple[str, str]]:
-    """Draws the plots into ``plot_dir``; returns [(title, file name)]."""
+def import_plotting() -> None:
+    """Imports matplotlib now (a few tenths of a second), if it can, so that ``write_report``
+    later only draws: ``fedstudy run`` calls it while it waits on other work."""
+    with contextlib.suppress(Exception):  # write_report says what is wrong, if anything
+        _pyplot()
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plots(
+    outputs: StudyOutputs, metric: str, plot_dir: Path, epsilon_budget: float | None
+) -> list[tuple[str, str]]:
+    """Draws the plots into ``plot_dir``; returns [(title, file name)]."""
+    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     plot_dir.mkdir(parents=True, exist_ok=True)
