@@ -167,7 +167,6 @@ class ForkServer:
         self._buffer = b""
         self._started: deque[int] = deque()
         self._codes: dict[int, int] = {}
-        self._children: set[int] = set()
         self._ended = False
 
     def fork(
@@ -191,9 +190,7 @@ class ForkServer:
             if self._ended:
                 raise OSError("the fork server exited before it started the child")
             self._read(None)
-        pid = self._started.popleft()
-        self._children.add(pid)
-        return pid
+        return self._started.popleft()
 
     def exit_code(self, pid: int, timeout: float | None = 0.0) -> int | None:
         """The child's exit code once it has ended, waiting up to ``timeout`` seconds
@@ -320,6 +317,13 @@ def serve() -> None:  # pragma: no cover - runs in the fork server
     """The fork server's body: imports the modules named on its command line, then forks a
     child per request read from stdin until stdin ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the engine and the children
+    # The requests and the answers keep fds of their own; 0 and 1 read and write /dev/null, so
+    # that nothing printed here (or left in sys.stdout's buffer for a child) mixes with them.
+    request_fd, answer_fd = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
     for name in sys.argv[1:]:
         # A module that fails to import fails again in the child, which reports it as a
         # fresh interpreter would.
@@ -332,16 +336,16 @@ def serve() -> None:  # pragma: no cover - runs in the fork server
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     pending = b""
     with selectors.DefaultSelector() as selector:
-        selector.register(0, selectors.EVENT_READ)
+        selector.register(request_fd, selectors.EVENT_READ)
         selector.register(wake_r, selectors.EVENT_READ)
         while True:
             for key, _ in selector.select():
                 if key.fd == wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(wake_r, 4096)
-                    _reap()
+                    _reap(answer_fd)
                     continue
-                data = os.read(0, 65536)
+                data = os.read(request_fd, 65536)
                 if not data:  # the engine is done (or gone): so are we, without teardown
                     os._exit(0)
                 pending += data
@@ -352,22 +356,22 @@ def serve() -> None:  # pragma: no cover - runs in the fork server
                     if pid == 0:
                         try:
                             selector.close()
-                            os.close(wake_r)
-                            os.close(wake_w)
+                            for fd in (wake_r, wake_w, request_fd, answer_fd):
+                                os.close(fd)
                             _child(json.loads(request), server)
                         finally:
                             os._exit(1)
-                    _answer(f"started {pid}")
+                    _answer(answer_fd, f"started {pid}")
 
 
-def _answer(line: str) -> None:  # pragma: no cover - runs in the fork server
+def _answer(fd: int, line: str) -> None:  # pragma: no cover - runs in the fork server
     try:
-        os.write(1, line.encode() + b"\n")
+        os.write(fd, line.encode() + b"\n")
     except BrokenPipeError:
         os._exit(0)
 
 
-def _reap() -> None:  # pragma: no cover - runs in the fork server
+def _reap(answers: int) -> None:  # pragma: no cover - runs in the fork server
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -375,7 +379,7 @@ def _reap() -> None:  # pragma: no cover - runs in the fork server
             return
         if pid == 0:
             return
-        _answer(f"exited {pid} {os.waitstatus_to_exitcode(status)}")
+        _answer(answers, f"exited {pid} {os.waitstatus_to_exitcode(status)}")
 
 
 def _child(request: dict[str, Any], server: int) -> None:  # pragma: no cover - in a child
