@@ -237,6 +237,12 @@ def test_trainers_are_forked_from_one_preloaded_process(tmp_path: Path) -> None:
         assert server.ppid == proc.pid
         assert "from fedstudy.launch import serve" in server.cmdline
         assert "fedstudy_trainer.main" in server.cmdline  # what it imported before forking
+        # It forks with one thread: no PyTorch thread pool, no gRPC runtime (pyarrow's
+        # jemalloc keeps a background thread, which its fork handlers allow for).
+        tasks = Path(f"/proc/{server.pid}/task")
+        threads = sorted((t / "comm").read_text().strip() for t in tasks.iterdir())
+        assert threads.count("python") == 1, threads
+        assert set(threads) <= {"python", "jemalloc_bg_thd"}, threads
         for t in trainers:
             assert "fedstudy trainer" not in t.cmdline
         sites = sorted(Path(t.stdout).name for t in trainers)
