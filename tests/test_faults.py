@@ -48,8 +48,10 @@ def procs(tmp_path: Path) -> Any:
 def test_aggregator_killed_five_times_at_random_points_loses_and_repeats_no_round(
     procs: Any,
 ) -> None:
-    rounds = 20
-    run: StudyProcesses = procs(rounds=rounds, roundTimeoutSeconds=120, localSteps=150)
+    # A round takes 0.15-0.25 s here and a life ends at most 0.4 s after its first round,
+    # so five lives close at most about 25 rounds: 40 keep the study going past the fifth kill.
+    rounds = 40
+    run: StudyProcesses = procs(rounds=rounds, roundTimeoutSeconds=120, localSteps=400)
     rng = random.Random(20261128)
     run.start_all()
     deadline = time.monotonic() + 600
