@@ -83,7 +83,8 @@ def _private_study(tmp_path: Path) -> Path:
     doc = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
     doc["metadata"]["name"] = STUDY
     doc["spec"].update({"rounds": ROUNDS, "roundTimeoutSeconds": 60})
-    doc["spec"]["training"]["localSteps"] = 5
+    # About 1.2 s a round: the study runs through several 1 s scrapes after both sites join.
+    doc["spec"]["training"]["localSteps"] = 1500
     doc["spec"]["privacy"] = {"targetEpsilon": 8.0, "delta": 1e-3}
     # Two of the four hospitals: fewer processes importing PyTorch on a small machine.
     doc["spec"]["sites"] = doc["spec"]["sites"][:2]
