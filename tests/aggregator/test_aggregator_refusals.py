@@ -204,6 +204,7 @@ def test_a_dropped_stream_frees_the_staging_buffer(
     assert a.submit(model(1.0), 1, num_samples=1).accepted
     assert b.submit(model(3.0), 1, num_samples=3).accepted
     assert agg.coord.status()["completed_rounds"] == 1
+    deadline = time.monotonic() + 10  # the cancelled stream is noticed on the server's time
     while "update-dropped" not in [r.getMessage() for r in caplog.records]:
         assert time.monotonic() < deadline
         time.sleep(0.01)
