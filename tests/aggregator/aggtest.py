@@ -4,10 +4,11 @@ loopback and a test client that speaks the wire protocol."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -70,6 +71,27 @@ def header(**fields: Any) -> pb.UpdateChunk:
 
 def tensor_messages(weights: Weights, chunk_bytes: int = 1 << 20) -> list[pb.UpdateChunk]:
     return [pb.UpdateChunk(tensor=c) for c in to_chunks(weights, chunk_bytes)]
+
+
+def update_messages(sender: Site, weights: Weights, **fields: object) -> list[pb.UpdateChunk]:
+    """A round-1 update of ``weights`` from ``sender``: its header, then its tensors."""
+    h = sender.header(1, **fields)
+    h.setdefault("tensor_count", len(weights))
+    h.setdefault("total_bytes", total_bytes(weights))
+    return [header(**h), *tensor_messages(weights)]
+
+
+def stalled_upload(sender: Site, weights: Weights, release: threading.Event) -> grpc.Future:
+    """An upload that sends its header and first tensor chunk, then waits for ``release``
+    (at most 5 s) without ending its stream: the caller cancels it to drop the stream."""
+    msgs = update_messages(sender, weights)
+
+    def stalled() -> Iterator[pb.UpdateChunk]:
+        yield msgs[0]
+        yield msgs[1]
+        release.wait(5)
+
+    return sender.stub.SubmitUpdate.future(stalled(), timeout=10)
 
 
 class Site:

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from aggtest import Running, Site, StartFn, header, initialise, make_study, model, tensor_messages
+from aggtest import (
+    Running,
+    Site,
+    StartFn,
+    header,
+    initialise,
+    make_study,
+    model,
+    stalled_upload,
+    tensor_messages,
+)
+from aggtest import update_messages as stream
 from fedstudy_aggregator.rounds import CONTENT_REFUSALS
 
 from fedstudy.tensors import Weights, total_bytes
@@ -26,13 +37,6 @@ class Ctx:
 
 
 Messages = list[pb.UpdateChunk]
-
-
-def stream(sender: Site, weights: Weights, **fields: object) -> Messages:
-    h = sender.header(1, **fields)
-    h.setdefault("tensor_count", len(weights))
-    h.setdefault("total_bytes", total_bytes(weights))
-    return [header(**h), *tensor_messages(weights)]
 
 
 def changed(**tensors: np.ndarray) -> Weights:
@@ -187,14 +191,7 @@ def test_a_dropped_stream_frees_the_staging_buffer(
     agg = start(make_study(sites=2, rounds=1))
     a, b = initialise(agg, "s0", "s1")
     release = threading.Event()
-    msgs = stream(b, model(2.0))
-
-    def stalled() -> Iterator[pb.UpdateChunk]:
-        yield msgs[0]
-        yield msgs[1]
-        release.wait(5)
-
-    call = b.stub.SubmitUpdate.future(stalled(), timeout=10)
+    call = stalled_upload(b, model(2.0), release)
     deadline = time.monotonic() + 5
     while not agg.coord._staging.locked():  # b's stream now holds the staging buffer
         assert time.monotonic() < deadline

@@ -6,17 +6,22 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from aggtest import Running, StartFn, header, initialise, make_study, model, tensor_messages
+from aggtest import (
+    Running,
+    StartFn,
+    initialise,
+    make_study,
+    model,
+    stalled_upload,
+)
 from fedstudy_aggregator.rounds import ByteBudget
 
-from fedstudy.tensors import Weights, total_bytes
-from fedstudy.wire import aggregator_pb2 as pb
+from fedstudy.tensors import Weights
 
 STRATEGIES: dict[str, dict[str, Any]] = {
     "fedavg": {"name": "fedavg"},
@@ -74,18 +79,7 @@ def test_a_dropped_spooled_stream_leaves_no_file_behind(start: StartFn, tmp_path
     spool_dir = tmp_path / "state" / "incoming"
     a, b = initialise(agg, "s0", "s1")
     release = threading.Event()
-    w = model(2.0)
-    msgs = [
-        header(**b.header(1, tensor_count=len(w), total_bytes=total_bytes(w))),
-        *tensor_messages(w),
-    ]
-
-    def stalled() -> Iterator[pb.UpdateChunk]:
-        yield msgs[0]
-        yield msgs[1]
-        release.wait(5)
-
-    call = b.stub.SubmitUpdate.future(stalled(), timeout=10)
+    call = stalled_upload(b, model(2.0), release)
     deadline = time.monotonic() + 5
     while not _spool_fds(spool_dir):  # b's update is being received into a spool file
         assert time.monotonic() < deadline
