@@ -5,6 +5,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/bootstrap.sh
+# Flower in a venv of its own, for the smoke run of the side-by-side benchmarks.
+bench/setup-flower.sh
 export PATH="$root/.venv/bin:$PATH"
 echo "== ruff"
 ruff check .
