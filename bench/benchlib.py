@@ -374,6 +374,11 @@ class LightSite:
             for c in stream_weights(self.specs, self.pool, shift=round_):
                 yield pb.UpdateChunk(tensor=c)
 
+        # As a trainer does: room reserved first, so that no upload waits half-sent.
+        reservation = pb.UploadReservation(header=header, wait_seconds=30)
+        while not (grant := self.stub.ReserveUpload(reservation, timeout=90)).granted:
+            if grant.reason != "busy":
+                raise RuntimeError(f"{self.name}: round {round_} refused: {grant.reason}")
         receipt = self.stub.SubmitUpdate(messages(), timeout=3600)
         if not receipt.accepted:
             raise RuntimeError(f"{self.name}: round {round_} refused: {receipt.reason}")

@@ -26,7 +26,7 @@ from fedstudy.spec import TREE_MODELS, StudyError, check_irb, load_study
 
 from .boosting import BoostingTracker
 from .checkpoint import CheckpointError
-from .rounds import SPOOL_ABOVE_BYTES, SPOOL_BUDGET_BYTES
+from .rounds import SPOOL_ABOVE_BYTES, SPOOL_BUDGET_BYTES, SPOOL_CONCURRENCY
 from .server import AggregatorServer, BindError, split_address
 
 
@@ -51,6 +51,12 @@ def _seconds(value: str) -> float:
 def _bytes(value: str) -> int:
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of bytes (0 or more)")
+    return int(value)
+
+
+def _count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a count (1 or more)")
     return int(value)
 
 
@@ -116,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how many bytes of spooled updates may arrive at once; other sites wait their "
         "turn, one always goes; raise it for sites on slow links and a disk that keeps up "
         f"(default {SPOOL_BUDGET_BYTES}, 1 GiB)",
+    )
+    p.add_argument(
+        "--spool-concurrency",
+        type=_count,
+        default=SPOOL_CONCURRENCY,
+        help="how many spooled updates may arrive at once, within --spool-budget-bytes; each "
+        "holds gRPC buffers of its own while it arrives "
+        f"(default {SPOOL_CONCURRENCY})",
     )
     p.add_argument(
         "--boosting-port",
@@ -188,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             spool_dir=args.spool_dir,
             spool_above_bytes=args.spool_above_bytes,
             spool_budget_bytes=args.spool_budget_bytes,
+            spool_concurrency=args.spool_concurrency,
         )
         server.start()
     except (CheckpointError, AuditError, BindError, OSError) as e:

@@ -7,7 +7,10 @@ as far as the new facts allow; long polls wait on the condition and are woken by
 
 An update is received whole before it counts. A small model's update is received into
 memory, one at a time (``_staging``); a large model's (above ``spool_above_bytes``) into a
-nameless spool file, several side by side within a byte budget (``_spooling``). Then one pass
+nameless spool file, several side by side within a byte budget (``_spooling``). A site asks
+for that room first (``reserve``, the ReserveUpload call) and waits for it holding nothing;
+an update sent without asking waits for room with its stream open, and the data gRPC has
+already taken in for it waits in memory. Then one pass
 (``examine``) refuses NaN and infinity and computes the update's digest and the norm of its
 change, and the strategy folds it into its running mean a block at a time. The aggregator
 holds the global model and the running mean, and a spooled update never: memory stays near
@@ -91,28 +94,69 @@ SPOOL_ABOVE_BYTES = 64 << 20
 # beyond the kernel's dirty-page threshold the spool files would be written out to disk
 # rather than read back from the page cache.
 SPOOL_BUDGET_BYTES = 1 << 30
+# And how many at once: each stream being received holds gRPC buffers of its own (about
+# 25 MiB at full speed on loopback), and two keep two cores busy.
+SPOOL_CONCURRENCY = 2
+# Room held for a granted reservation whose update stream has not started is given back
+# after this many seconds (the site died between the two calls, say).
+RESERVATION_TTL_SECONDS = 30.0
 
 
 class ByteBudget:
-    """Admits work of a given size while the total in flight stays within ``limit`` (a
-    single item larger than the limit is admitted alone)."""
+    """Admits work of a given size while the total in flight stays within ``limit`` bytes and
+    ``max_items`` items (a single item larger than the limit is admitted alone)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_items: int | None = None) -> None:
         self.limit = limit
+        self.max_items = max_items
         self.in_use = 0
+        self.items = 0
         self._cond = threading.Condition()
+
+    def _fits(self, nbytes: int) -> bool:
+        if self.items == 0:
+            return True
+        room = self.max_items is None or self.items < self.max_items
+        return room and self.in_use + nbytes <= self.limit
+
+    def acquire(self, nbytes: int, timeout: float | None = None) -> bool:
+        """Takes ``nbytes`` once they fit; False if they did not within ``timeout`` s."""
+        with self._cond:
+            fits = self._cond.wait_for(lambda: self._fits(nbytes), timeout)
+            if fits:
+                self.in_use += nbytes
+                self.items += 1
+            return fits
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.in_use -= nbytes
+            self.items -= 1
+            self._cond.notify_all()
 
     @contextlib.contextmanager
     def take(self, nbytes: int) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: self.in_use == 0 or self.in_use + nbytes <= self.limit)
-            self.in_use += nbytes
+        self.acquire(nbytes)
         try:
             yield
         finally:
-            with self._cond:
-                self.in_use -= nbytes
-                self._cond.notify_all()
+            self.release(nbytes)
+
+
+@dataclass
+class _Reservation:
+    """Room in a ``ByteBudget`` held for one update, from its grant until its stream ends."""
+
+    update_id: str
+    budget: ByteBudget
+    nbytes: int
+    expires: float
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.budget.release(self.nbytes)
 
 
 Task = pb.TaskResponse
@@ -197,11 +241,12 @@ class Coordinator:
         spool_dir: Path | None = None,
         spool_above_bytes: int | None = SPOOL_ABOVE_BYTES,
         spool_budget_bytes: int = SPOOL_BUDGET_BYTES,
+        spool_concurrency: int = SPOOL_CONCURRENCY,
     ) -> None:
         """``spool_dir`` (default ``state_dir/incoming``) receives the updates of models
         above ``spool_above_bytes`` (None: every update is received into memory), as many at
-        once as ``spool_budget_bytes`` holds."""
-        self._spooling = ByteBudget(spool_budget_bytes)
+        once as ``spool_budget_bytes`` holds, at most ``spool_concurrency``."""
+        self._spooling = ByteBudget(spool_budget_bytes, max_items=spool_concurrency)
         self.study = study
         self.spool_dir = (
             None if spool_above_bytes is None else (spool_dir or state_dir / "incoming")
@@ -213,7 +258,10 @@ class Coordinator:
         self.log = log
         self.clock = clock
         self.cond = threading.Condition()
-        self._staging = threading.Lock()
+        self._staging = ByteBudget(0, max_items=1)  # one update at a time
+        self._reservations: dict[str, _Reservation] = {}  # by site
+        self._reservations_lock = threading.Lock()
+        self.reservation_ttl = RESERVATION_TTL_SECONDS
         self.store = CheckpointStore(state_dir)
         self.strategy: Strategy = make_strategy(self.spec.strategy)
         if self.spec.serverPrivacy is not None:
@@ -878,13 +926,28 @@ class Coordinator:
         if first is None or first.WhichOneof("part") != "header":
             return self._refuse(None, _Refusal("bad-stream", "the stream must start with a header"))
         h = first.header
+        held = self._claim_reservation(h.site, h.update_id)
+        try:
+            return self._receive(h, first, stream, held)
+        finally:
+            if held is not None:
+                held.release()
+
+    def _receive(
+        self,
+        h: pb.UpdateHeader,
+        first: pb.UpdateChunk,
+        stream: Iterator[pb.UpdateChunk],
+        held: _Reservation | None,
+    ) -> pb.UpdateReceipt:
         try:
             with self.cond:
                 expected, bound = self._check_header(h)
             size = model_bytes(expected)
-            spool = self.spool_dir is not None and size > self.spool_above_bytes
+            spool = self._spooled(size)
             # In memory, one update is staged at a time; spooled ones stream in side by side.
-            with self._spooling.take(size) if spool else self._staging:
+            # A reserved update has its room already.
+            with contextlib.nullcontext() if held is not None else self._room(size).take(size):
                 with self.cond:
                     self._check_still_open(h)
                     base = self.model if h.round > 0 else None
@@ -912,6 +975,69 @@ class Coordinator:
         except WireError as e:
             return self._refuse(h, _Refusal(e.reason, str(e)))
         return pb.UpdateReceipt(accepted=True, message=f"round {h.round} update accepted")
+
+    def _spooled(self, size: int) -> bool:
+        return self.spool_dir is not None and size > self.spool_above_bytes
+
+    def _room(self, size: int) -> ByteBudget:
+        """Where an update of ``size`` bytes waits for room to arrive."""
+        return self._spooling if self._spooled(size) else self._staging
+
+    # ---------------------------------------------------------------- ReserveUpload
+
+    def reserve(self, req: pb.UploadReservation, is_active: Callable[[], bool]) -> pb.UploadGrant:
+        """Holds room for the update ``req.header`` announces, waiting for it up to
+        ``req.wait_seconds`` (at most MAX_WAIT_SECONDS); "busy" if none came, or the reason
+        the update would be refused now. The room is the update's until its stream ends, or
+        for ``reservation_ttl`` seconds if no stream with its update id comes."""
+        h = req.header
+        try:
+            with self.cond:
+                joined_with = self._check_sender(h)
+                self._check_still_open(h)
+                expected = joined_with if self.model is None else signature(self.model)
+        except _Refusal as r:
+            return pb.UploadGrant(granted=False, reason=r.reason, message=str(r))
+        if not h.update_id:
+            return pb.UploadGrant(
+                granted=False, reason="bad-stream", message="the header has no update_id"
+            )
+        size = model_bytes(expected)
+        room = self._room(size)
+        self._drop_reservations(h.site)  # the site's newer attempt replaces an older one
+        deadline = time.monotonic() + min(max(req.wait_seconds, 0.0), MAX_WAIT_SECONDS)
+        while not room.acquire(size, timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or not is_active():
+                return pb.UploadGrant(
+                    granted=False, reason="busy", message=f"no room yet for {size} bytes"
+                )
+            self._drop_reservations(None)  # give back what expired, then look again
+        held = _Reservation(h.update_id, room, size, self.clock() + self.reservation_ttl)
+        with self._reservations_lock:
+            older = self._reservations.pop(h.site, None)
+            self._reservations[h.site] = held
+        if older is not None:
+            older.release()
+        return pb.UploadGrant(granted=True, message=f"room for {size} bytes")
+
+    def _claim_reservation(self, site: str, update_id: str) -> _Reservation | None:
+        """The room reserved for this update, now the stream's; a reservation the site
+        made for another update is given back."""
+        with self._reservations_lock:
+            held = self._reservations.pop(site, None)
+        if held is not None and held.update_id != update_id:
+            held.release()
+            return None
+        return held
+
+    def _drop_reservations(self, site: str | None) -> None:
+        """Gives back the reservations that expired, and ``site``'s."""
+        now = self.clock()
+        with self._reservations_lock:
+            gone = [k for k, r in self._reservations.items() if k == site or r.expires <= now]
+            dropped = [self._reservations.pop(k) for k in gone]
+        for r in dropped:
+            r.release()
 
     def _refuse(self, h: pb.UpdateHeader | None, r: _Refusal) -> pb.UpdateReceipt:
         with self.cond:
@@ -950,8 +1076,9 @@ class Coordinator:
                 self._advance()
         return pb.UpdateReceipt(accepted=False, reason=r.reason, message=str(r))
 
-    def _check_header(self, h: pb.UpdateHeader) -> tuple[list[TensorSpec], int]:
-        """The header checks, in the protocol's order; returns (signature, byte bound)."""
+    def _check_sender(self, h: pb.UpdateHeader) -> list[TensorSpec]:
+        """The study and the site the header names: one of ours, and joined; returns the
+        site's model signature (from its Join)."""
         if h.study != self.name:
             raise _Refusal(
                 "wrong-study", f"this aggregator runs study {self.name!r}, not {h.study!r}"
@@ -964,6 +1091,11 @@ class Coordinator:
                 "not-joined",
                 f"site {h.site} has not joined since the aggregator started: Join first",
             )
+        return site.signature
+
+    def _check_header(self, h: pb.UpdateHeader) -> tuple[list[TensorSpec], int]:
+        """The header checks, in the protocol's order; returns (signature, byte bound)."""
+        joined_with = self._check_sender(h)
         init = self.model is None
         if init:
             if self.phase == DONE:
@@ -992,7 +1124,7 @@ class Coordinator:
             )
         if not init and h.num_samples == 0:
             raise _Refusal("no-samples", "num_samples is 0: an update needs training samples")
-        expected = site.signature if init else signature(self.model or {})
+        expected = joined_with if init else signature(self.model or {})
         bound = model_bytes(expected) + STREAM_MARGIN_BYTES
         if h.total_bytes > bound:
             raise _Refusal(

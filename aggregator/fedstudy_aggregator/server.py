@@ -20,7 +20,7 @@ from fedstudy.spec import FederatedStudy
 from fedstudy.tls import server_credentials
 
 from .boosting import BoostingTracker, TrackerError
-from .rounds import SPOOL_ABOVE_BYTES, SPOOL_BUDGET_BYTES, Coordinator
+from .rounds import SPOOL_ABOVE_BYTES, SPOOL_BUDGET_BYTES, SPOOL_CONCURRENCY, Coordinator
 from .service import AggregatorService, add_to_server
 from .web import HttpServer
 
@@ -79,6 +79,7 @@ class AggregatorServer:
         spool_dir: Path | None = None,
         spool_above_bytes: int | None = SPOOL_ABOVE_BYTES,
         spool_budget_bytes: int = SPOOL_BUDGET_BYTES,
+        spool_concurrency: int = SPOOL_CONCURRENCY,
     ) -> None:
         self.log = log or logging.getLogger("aggregator")
         self.state_dir = state_dir
@@ -97,6 +98,7 @@ class AggregatorServer:
             spool_dir=spool_dir,
             spool_above_bytes=spool_above_bytes,
             spool_budget_bytes=spool_budget_bytes,
+            spool_concurrency=spool_concurrency,
         )
         workers = 2 * len(study.spec.sites) + 8
         self._grpc = grpc.server(

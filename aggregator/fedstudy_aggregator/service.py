@@ -122,6 +122,14 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             context.abort(_CODES[e.code], str(e))
         yield from encoded_chunks(weights)
 
+    def ReserveUpload(  # noqa: N802
+        self, request: pb.UploadReservation, context: grpc.ServicerContext
+    ) -> pb.UploadGrant:
+        why = self._impostor(context, request.header.site, "ReserveUpload")
+        if why is not None:
+            return pb.UploadGrant(granted=False, reason="identity-mismatch", message=why)
+        return self.coord.reserve(request, context.is_active)
+
     def SubmitUpdate(  # noqa: N802
         self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
     ) -> pb.UpdateReceipt:

@@ -5,9 +5,9 @@ The aggregator's service. Sites dial out: every call starts at a trainer.
 
 A trainer's life:
   Join -> loop { GetTask (long poll) ->
-    INIT:   SubmitUpdate(round 0, the freshly initialised weights)
+    INIT:   ReserveUpload, SubmitUpdate(round 0, the freshly initialised weights)
     TRAIN:  DownloadModel(version = round - 1); Report(EVALUATION of that model);
-            train locally; SubmitUpdate(round)
+            train locally; ReserveUpload(round) until granted; SubmitUpdate(round)
     FINISH: DownloadModel(version = rounds); Report(FINAL)
     WAIT:   ask again
     REJOIN: Join again (the aggregator restarted and forgot the site)
@@ -308,6 +308,61 @@ class UpdateChunk(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
 Global___UpdateChunk: _TypeAlias = UpdateChunk  # noqa: Y015
+
+@_typing.final
+class UploadReservation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    wait_seconds: _builtins.float
+    """How long the aggregator may hold the call while it has no room."""
+    @_builtins.property
+    def header(self) -> Global___UpdateHeader:
+        """The header the update's stream will start with (the same update_id)."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___UpdateHeader | None = ...,
+        wait_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadReservation: _TypeAlias = UploadReservation  # noqa: Y015
+
+@_typing.final
+class UploadGrant(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    granted: _builtins.bool
+    """Room is held for the update until its stream arrives (or a short while passes)."""
+    reason: _builtins.str
+    """When not granted: "busy" (no room yet: ask again), or the reason the update would be
+    refused now (as in UpdateReceipt; send it anyway to hear the refusal in full).
+    """
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        granted: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadGrant: _TypeAlias = UploadGrant  # noqa: Y015
 
 @_typing.final
 class UpdateReceipt(_message.Message):

@@ -50,6 +50,11 @@ class AggregatorStub:
                 request_serializer=fedstudy_dot_wire_dot_aggregator__pb2.DownloadRequest.SerializeToString,
                 response_deserializer=fedstudy_dot_wire_dot_tensors__pb2.TensorChunk.FromString,
                 _registered_method=True)
+        self.ReserveUpload = channel.unary_unary(
+                '/fedstudy.wire.Aggregator/ReserveUpload',
+                request_serializer=fedstudy_dot_wire_dot_aggregator__pb2.UploadReservation.SerializeToString,
+                response_deserializer=fedstudy_dot_wire_dot_aggregator__pb2.UploadGrant.FromString,
+                _registered_method=True)
         self.SubmitUpdate = channel.stream_unary(
                 '/fedstudy.wire.Aggregator/SubmitUpdate',
                 request_serializer=fedstudy_dot_wire_dot_aggregator__pb2.UpdateChunk.SerializeToString,
@@ -84,6 +89,16 @@ class AggregatorServicer:
 
     def DownloadModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReserveUpload(self, request, context):
+        """Waits (up to wait_seconds) until the aggregator has room to receive the update the
+        header announces, and holds that room for it: sites whose updates would only queue
+        inside the aggregator's buffers wait here, holding nothing. Optional: an update sent
+        without a reservation waits for room once its stream has started.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -123,6 +138,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=fedstudy_dot_wire_dot_aggregator__pb2.DownloadRequest.FromString,
                     response_serializer=fedstudy_dot_wire_dot_tensors__pb2.TensorChunk.SerializeToString,
+            ),
+            'ReserveUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveUpload,
+                    request_deserializer=fedstudy_dot_wire_dot_aggregator__pb2.UploadReservation.FromString,
+                    response_serializer=fedstudy_dot_wire_dot_aggregator__pb2.UploadGrant.SerializeToString,
             ),
             'SubmitUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitUpdate,
@@ -221,6 +241,33 @@ class Aggregator:
             '/fedstudy.wire.Aggregator/DownloadModel',
             fedstudy_dot_wire_dot_aggregator__pb2.DownloadRequest.SerializeToString,
             fedstudy_dot_wire_dot_tensors__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedstudy.wire.Aggregator/ReserveUpload',
+            fedstudy_dot_wire_dot_aggregator__pb2.UploadReservation.SerializeToString,
+            fedstudy_dot_wire_dot_aggregator__pb2.UploadGrant.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,9 +5,9 @@ The aggregator's service. Sites dial out: every call starts at a trainer.
 
 A trainer's life:
   Join -> loop { GetTask (long poll) ->
-    INIT:   SubmitUpdate(round 0, the freshly initialised weights)
+    INIT:   ReserveUpload, SubmitUpdate(round 0, the freshly initialised weights)
     TRAIN:  DownloadModel(version = round - 1); Report(EVALUATION of that model);
-            train locally; SubmitUpdate(round)
+            train locally; ReserveUpload(round) until granted; SubmitUpdate(round)
     FINISH: DownloadModel(version = rounds); Report(FINAL)
     WAIT:   ask again
     REJOIN: Join again (the aggregator restarted and forgot the site)
@@ -46,6 +46,12 @@ class AggregatorStub:
     Join: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.JoinRequest, _aggregator_pb2.JoinResponse]
     GetTask: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.TaskRequest, _aggregator_pb2.TaskResponse]
     DownloadModel: _grpc.UnaryStreamMultiCallable[_aggregator_pb2.DownloadRequest, _tensors_pb2.TensorChunk]
+    ReserveUpload: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.UploadReservation, _aggregator_pb2.UploadGrant]
+    """Waits (up to wait_seconds) until the aggregator has room to receive the update the
+    header announces, and holds that room for it: sites whose updates would only queue
+    inside the aggregator's buffers wait here, holding nothing. Optional: an update sent
+    without a reservation waits for room once its stream has started.
+    """
     SubmitUpdate: _grpc.StreamUnaryMultiCallable[_aggregator_pb2.UpdateChunk, _aggregator_pb2.UpdateReceipt]
     Report: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.ReportRequest, _aggregator_pb2.ReportReceipt]
     Leave: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.LeaveRequest, _aggregator_pb2.LeaveReceipt]
@@ -56,6 +62,12 @@ class AggregatorAsyncStub(AggregatorStub):
     Join: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.JoinRequest, _aggregator_pb2.JoinResponse]  # type: ignore[assignment]
     GetTask: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.TaskRequest, _aggregator_pb2.TaskResponse]  # type: ignore[assignment]
     DownloadModel: _aio.UnaryStreamMultiCallable[_aggregator_pb2.DownloadRequest, _tensors_pb2.TensorChunk]  # type: ignore[assignment]
+    ReserveUpload: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.UploadReservation, _aggregator_pb2.UploadGrant]  # type: ignore[assignment]
+    """Waits (up to wait_seconds) until the aggregator has room to receive the update the
+    header announces, and holds that room for it: sites whose updates would only queue
+    inside the aggregator's buffers wait here, holding nothing. Optional: an update sent
+    without a reservation waits for room once its stream has started.
+    """
     SubmitUpdate: _aio.StreamUnaryMultiCallable[_aggregator_pb2.UpdateChunk, _aggregator_pb2.UpdateReceipt]  # type: ignore[assignment]
     Report: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.ReportRequest, _aggregator_pb2.ReportReceipt]  # type: ignore[assignment]
     Leave: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.LeaveRequest, _aggregator_pb2.LeaveReceipt]  # type: ignore[assignment]
@@ -81,6 +93,18 @@ class AggregatorServicer(metaclass=_abc_1.ABCMeta):
         request: _aggregator_pb2.DownloadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_tensors_pb2.TensorChunk], _abc.AsyncIterator[_tensors_pb2.TensorChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def ReserveUpload(
+        self,
+        request: _aggregator_pb2.UploadReservation,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregator_pb2.UploadGrant, _abc.Awaitable[_aggregator_pb2.UploadGrant]]:
+        """Waits (up to wait_seconds) until the aggregator has room to receive the update the
+        header announces, and holds that room for it: sites whose updates would only queue
+        inside the aggregator's buffers wait here, holding nothing. Optional: an update sent
+        without a reservation waits for room once its stream has started.
+        """
 
     @_abc_1.abstractmethod
     def SubmitUpdate(

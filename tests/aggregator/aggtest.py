@@ -140,6 +140,18 @@ class Site:
         h.setdefault("total_bytes", total_bytes(weights))
         return self.submit_raw([header(**h), *tensor_messages(weights)])
 
+    def reserve(
+        self, weights: Weights, round_: int, wait: float = 0.0, **fields: Any
+    ) -> tuple[pb.UploadGrant, str]:
+        """Asks for room for an update of ``weights``; returns the answer and the update id
+        (to submit with: ``submit(..., update_id=...)``)."""
+        h = self.header(round_, **fields)
+        h.setdefault("tensor_count", len(weights))
+        h.setdefault("total_bytes", total_bytes(weights))
+        req = pb.UploadReservation(header=pb.UpdateHeader(**h), wait_seconds=wait)
+        grant: pb.UploadGrant = self.stub.ReserveUpload(req, timeout=wait + 5)
+        return grant, h["update_id"]
+
     def submit_raw(self, messages: Iterable[pb.UpdateChunk]) -> pb.UpdateReceipt:
         resp: pb.UpdateReceipt = self.stub.SubmitUpdate(iter(list(messages)), timeout=10)
         return resp

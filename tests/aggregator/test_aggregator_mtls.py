@@ -66,12 +66,14 @@ def test_site_claiming_another_sites_name_is_refused_and_counted(
     with pytest.raises(grpc.RpcError) as info:
         impostor.task()
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    grant, _ = impostor.reserve(model(0), 0)
+    assert (grant.granted, grant.reason) == (False, "identity-mismatch")
     receipt = impostor.submit(model(0), 0)
     assert (receipt.accepted, receipt.reason) == (False, "identity-mismatch")
     assert not impostor.report(0, {"loss": 1.0}).accepted
     assert not impostor.leave("done").accepted
     status = server.coord.status()
-    assert status["refused_calls"] == {"identity-mismatch": 5}
+    assert status["refused_calls"] == {"identity-mismatch": 6}
     assert status["joined"] == []
 
 

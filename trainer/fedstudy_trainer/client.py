@@ -157,6 +157,7 @@ class SiteTrainer:
         self.state_path = state_dir / STATE_FILE
         self.log = logger
         self.wait_seconds = wait_seconds
+        self.reserve_uploads = True  # until the aggregator says it has no ReserveUpload
         self.backoff = backoff or Backoff(connect_timeout)
         self.runtime = runtime or self._runtime()
         logs.event(self.log, "device", **self.runtime.describe())
@@ -339,6 +340,25 @@ class SiteTrainer:
                 message=receipt.message,
             )
 
+    def _reserve(self, header: pb.UpdateHeader) -> None:
+        """Waits until the aggregator holds room for the update, so that it never waits
+        half-sent in the aggregator's buffers. Not granted for another reason than "busy":
+        the update is sent anyway, and its receipt says why it was refused. An aggregator
+        without ReserveUpload receives it as before."""
+        if not self.reserve_uploads:
+            return
+        request = pb.UploadReservation(header=header, wait_seconds=self.wait_seconds)
+        while True:
+            try:
+                grant = self.stub.ReserveUpload(request, timeout=self.wait_seconds + CALL_TIMEOUT_S)
+            except grpc.RpcError as err:
+                if _code(err) != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self.reserve_uploads = False
+                return
+            if grant.granted or grant.reason != "busy":
+                return
+
     def _submit(self, round_: int, base: int, weights: Weights, loss: float) -> None:
         """Sends a full set of weights for ``round_``; a fresh update id for every attempt."""
         tensor_count = len(weights)
@@ -365,6 +385,7 @@ class SiteTrainer:
                 for chunk in to_chunks(weights):
                     yield pb.UpdateChunk(tensor=chunk)
 
+            self._reserve(header)
             return self.stub.SubmitUpdate(chunks(), timeout=STREAM_TIMEOUT_S)
 
         receipt = self._call("SubmitUpdate", send)
