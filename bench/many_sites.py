@@ -123,6 +123,11 @@ async def one_site(
                     total_bytes=total,
                 )
                 msgs = [pb.UpdateChunk(header=header), *chunks_of(specs, pool, index + task.round)]
+                # As a trainer does: room reserved first (one update arrives at a time).
+                ask = pb.UploadReservation(header=header, wait_seconds=10)
+                while not (grant := await stub.ReserveUpload(ask, timeout=600)).granted:
+                    if grant.reason != "busy":
+                        break  # e.g. stale-round: the receipt below says so
                 receipt = await stub.SubmitUpdate(iter(msgs), timeout=600)
                 if not receipt.accepted and receipt.reason != "stale-round":
                     raise RuntimeError(f"{name}: refused: {receipt.reason} {receipt.message}")

@@ -121,18 +121,25 @@ class ByteBudget:
 
     def acquire(self, nbytes: int, timeout: float | None = None) -> bool:
         """Takes ``nbytes`` once they fit; False if they did not within ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            fits = self._cond.wait_for(lambda: self._fits(nbytes), timeout)
-            if fits:
-                self.in_use += nbytes
-                self.items += 1
-            return fits
+            while not self._fits(nbytes):
+                left = 1.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                # Woken one at a time by release (hundreds of sites may wait here); the
+                # timeout also re-checks now and then, should a wake-up go to a waiter that
+                # has just given up.
+                self._cond.wait(min(left, 1.0))
+            self.in_use += nbytes
+            self.items += 1
+            return True
 
     def release(self, nbytes: int) -> None:
         with self._cond:
             self.in_use -= nbytes
             self.items -= 1
-            self._cond.notify_all()
+            self._cond.notify()
 
     @contextlib.contextmanager
     def take(self, nbytes: int) -> Iterator[None]:
@@ -1012,6 +1019,9 @@ class Coordinator:
                     granted=False, reason="busy", message=f"no room yet for {size} bytes"
                 )
             self._drop_reservations(None)  # give back what expired, then look again
+        if not is_active():  # the site gave up while it waited: the room goes on at once
+            room.release(size)
+            return pb.UploadGrant(granted=False, reason="busy", message="the call ended")
         held = _Reservation(h.update_id, room, size, self.clock() + self.reservation_ttl)
         with self._reservations_lock:
             older = self._reservations.pop(h.site, None)

@@ -116,3 +116,29 @@ def test_a_byte_budget_admits_at_most_max_items() -> None:
     alone = ByteBudget(0, max_items=1)
     assert alone.acquire(5000)  # larger than the limit: admitted alone
     assert not alone.acquire(1, timeout=0.1)
+
+
+def test_many_waiters_are_all_admitted_one_at_a_time() -> None:
+    # Release wakes one waiter, not all: none may be left behind, and one holds at a time.
+    budget = ByteBudget(0, max_items=1)
+    holding: list[int] = []
+    most = [0]
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(20):
+            with budget.take(100):
+                with lock:
+                    holding.append(1)
+                    most[0] = max(most[0], len(holding))
+                with lock:
+                    holding.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert most == [1]
+    assert (budget.items, budget.in_use) == (0, 0)
