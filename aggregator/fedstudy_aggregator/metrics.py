@@ -41,7 +41,7 @@ KNOWN_REFUSALS = (
 
 # Calls refused before the round logic sees them (mutual TLS: a certificate for another site).
 KNOWN_CALL_REFUSALS = ("identity-mismatch",)
-RPCS = ("Join", "GetTask", "DownloadModel", "SubmitUpdate", "Report", "Leave")
+RPCS = ("Join", "GetTask", "DownloadModel", "ReserveUpload", "SubmitUpdate", "Report", "Leave")
 STATES = ("waiting", "training", "finishing", "done")
 REPORT_KINDS = ("evaluation", "final")
 EPSILON_KEY = "epsilon"
@@ -105,6 +105,12 @@ class AggregatorMetrics:
         )
         self.sites_planned = Gauge("fedstudy_sites", "Sites the study lists.", s, registry=r)
         self.sites_joined = Gauge("fedstudy_sites_joined", "Sites joined now.", s, registry=r)
+        self.uploads_waiting = Gauge(
+            "fedstudy_uploads_waiting",
+            "Sites waiting for room to send their update (in ReserveUpload).",
+            s,
+            registry=r,
+        )
         self.sites_answered = Gauge(
             "fedstudy_sites_answered",
             "Sites with an accepted update in the open round.",
@@ -223,10 +229,12 @@ class AggregatorMetrics:
         completed_fn: ValueFn,
         joined_fn: ValueFn,
         answered_fn: ValueFn,
+        waiting_fn: ValueFn,
         state_fn: Callable[[], str],
     ) -> None:
         """Gauges read from the coordinator at each scrape."""
         st = self.study
+        self.uploads_waiting.labels(st).set_function(waiting_fn)
         self.round.labels(st).set_function(round_fn)
         self.rounds_completed.labels(st).set_function(completed_fn)
         self.sites_joined.labels(st).set_function(joined_fn)

@@ -269,6 +269,7 @@ class Coordinator:
         self._reservations: dict[str, _Reservation] = {}  # by site
         self._reservations_lock = threading.Lock()
         self.reservation_ttl = RESERVATION_TTL_SECONDS
+        self.uploads_waiting = 0  # sites in ReserveUpload, waiting for room
         self.store = CheckpointStore(state_dir)
         self.strategy: Strategy = make_strategy(self.spec.strategy)
         if self.spec.serverPrivacy is not None:
@@ -506,6 +507,7 @@ class Coordinator:
             completed_fn=lambda: float(self.version or 0),
             joined_fn=lambda: float(len(self._joined())),
             answered_fn=lambda: float(len(self.answered)),
+            waiting_fn=lambda: float(self.uploads_waiting),
             state_fn=lambda: self.phase,
         )
         dp = self.strategy.dp
@@ -1013,12 +1015,18 @@ class Coordinator:
         room = self._room(size)
         self._drop_reservations(h.site)  # the site's newer attempt replaces an older one
         deadline = time.monotonic() + min(max(req.wait_seconds, 0.0), MAX_WAIT_SECONDS)
-        while not room.acquire(size, timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline or not is_active():
-                return pb.UploadGrant(
-                    granted=False, reason="busy", message=f"no room yet for {size} bytes"
-                )
-            self._drop_reservations(None)  # give back what expired, then look again
+        with self._reservations_lock:
+            self.uploads_waiting += 1
+        try:
+            while not room.acquire(size, timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline or not is_active():
+                    return pb.UploadGrant(
+                        granted=False, reason="busy", message=f"no room yet for {size} bytes"
+                    )
+                self._drop_reservations(None)  # give back what expired, then look again
+        finally:
+            with self._reservations_lock:
+                self.uploads_waiting -= 1
         if not is_active():  # the site gave up while it waited: the room goes on at once
             room.release(size)
             return pb.UploadGrant(granted=False, reason="busy", message="the call ended")

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import threading
 
-from aggtest import StartFn, initialise, make_study, model
+from aggtest import Running, StartFn, initialise, make_study, model
 from fedstudy_aggregator.rounds import ByteBudget
+
+
+def _waiting_gauge(agg: Running) -> float:
+    (line,) = [
+        ln
+        for ln in agg.coord.metrics.text().splitlines()
+        if ln.startswith("fedstudy_uploads_waiting{")
+    ]
+    return float(line.rsplit(" ", 1)[1])
 
 
 def test_a_granted_reservation_holds_the_room_until_its_update_arrives(start: StartFn) -> None:
@@ -38,9 +47,12 @@ def test_a_waiting_reservation_is_granted_when_the_room_comes_back(start: StartF
     waiting.start()
     waiting.join(0.3)
     assert waiting.is_alive()  # b waits for the room a holds
+    assert agg.coord.uploads_waiting == 1
+    assert _waiting_gauge(agg) == 1.0
     assert a.submit(model(1.0), 1, update_id=id_a).accepted
     waiting.join(10)
     assert answers == [True]
+    assert _waiting_gauge(agg) == 0.0
 
 
 def test_a_reservation_the_header_checks_refuse_says_why_and_counts_no_refusal(

@@ -91,6 +91,7 @@ def exercised(metrics: AggregatorMetrics) -> AggregatorMetrics:
         completed_fn=lambda: 1.0,
         joined_fn=lambda: 2.0,
         answered_fn=lambda: 1.0,
+        waiting_fn=lambda: 3.0,
         state_fn=lambda: "training",
     )
     metrics.round_closed(12.5)
@@ -129,6 +130,7 @@ def test_the_values_published() -> None:
     m = samples(exercised(AggregatorMetrics("lint", SITES, "auc", 3, epsilon_budget=8.0)))
     assert m[("fedstudy_round", ())] == 2
     assert m[("fedstudy_rounds_planned", ())] == 3
+    assert m[("fedstudy_uploads_waiting", ())] == 3
     assert m[("fedstudy_study_state", (("state", "training"),))] == 1
     assert m[("fedstudy_study_state", (("state", "done"),))] == 0
     assert m[("fedstudy_round_duration_seconds_count", ())] == 1
