@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "aggregator"))
 
-from aggtest import STUDY, Running, header, make_study, model, study_doc
+from aggtest import STUDY, Running, header, make_study, model, study_doc, tensor_messages
 from fedstudy_aggregator.server import AggregatorServer
 
 from fedstudy.spec import FederatedStudy, StudyError, load_study, parse_study
@@ -436,6 +436,50 @@ def test_aggregator_answers_any_update(
         good = other.submit(model(3.0), next_round)
         assert good.accepted, good
         assert agg.status()["refused_updates"] == after
+    finally:
+        fleet.stop(agg)
+
+
+@AGGREGATOR
+@given(initialised=st.booleans(), data=st.data())
+def test_aggregator_answers_any_reservation(
+    fleet: Fleet, initialised: bool, data: st.DataObject
+) -> None:
+    """Any header is granted room or answered with a documented reason; no answer counts as
+    a refused update, and room is held only for a granted header, until its stream ends."""
+    agg = fleet.start()
+    try:
+        s0, s1 = agg.site("s0"), agg.site("s1")
+        assert s0.join().accepted
+        assert s1.join().accepted
+        assert s0.task().kind == pb.TaskResponse.INIT
+        if initialised:
+            assert s0.submit(model(0), 0, update_id=INIT_ID).accepted
+        round_ = 1 if initialised else 0
+        weights = model(2.0)
+        fields = data.draw(_header_fields(round_, weights), label="header")
+        before = agg.status()["refused_updates"]
+
+        grant = s0.stub.ReserveUpload(
+            pb.UploadReservation(header=pb.UpdateHeader(**fields), wait_seconds=0), timeout=5
+        )
+        event("granted" if grant.granted else f"not granted: {grant.reason}")
+
+        assert agg.status()["refused_updates"] == before
+        if grant.granted:
+            assert agg.coord._staging.items == 1
+            # The stream with that header claims the room and gives it back, whatever its fate.
+            sender = agg.site(fields["site"])
+            sender.study = fields["study"]
+            sender.submit_raw([header(**fields), *tensor_messages(weights)])
+        else:
+            assert grant.reason in UPDATE_REASONS | {"busy"}, grant.reason
+            assert grant.message
+        assert agg.coord._staging.items == 0
+        # The aggregator still takes a good update.
+        accepted_rounds = agg.status()["completed_rounds"]
+        good = s1.submit(model(3.0), 1 if initialised or accepted_rounds else 0)
+        assert good.accepted or good.reason in ("duplicate", "stale-round"), good
     finally:
         fleet.stop(agg)
 
