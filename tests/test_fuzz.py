@@ -468,7 +468,7 @@ def test_aggregator_answers_any_reservation(
         assert agg.status()["refused_updates"] == before
         sent_accepted = False
         if grant.granted:
-            assert agg.coord._staging.items == 1
+            assert agg.coord.admission.staging.items == 1
             # The stream with that header claims the room and gives it back, whatever its fate.
             sender = agg.site(fields["site"])
             sender.study = fields["study"]
@@ -477,7 +477,7 @@ def test_aggregator_answers_any_reservation(
         else:
             assert grant.reason in UPDATE_REASONS | {"busy"}, grant.reason
             assert grant.message
-        assert agg.coord._staging.items == 0
+        assert agg.coord.admission.staging.items == 0
         # The aggregator still takes a good update, from a site that has sent none.
         other = s0 if grant.granted and fields["site"] == "s1" else s1
         good = other.submit(model(3.0), 1 if initialised or sent_accepted else 0)

@@ -26,7 +26,7 @@ from fedstudy.spec import TREE_MODELS, StudyError, check_irb, load_study
 
 from .boosting import BoostingTracker
 from .checkpoint import CheckpointError
-from .rounds import SPOOL_ABOVE_BYTES, SPOOL_BUDGET_BYTES, SPOOL_CONCURRENCY
+from .rounds.admission import SPOOL_ABOVE_BYTES, SPOOL_BUDGET_BYTES, SPOOL_CONCURRENCY
 from .server import AggregatorServer, BindError, split_address
 
 

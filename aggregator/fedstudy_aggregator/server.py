@@ -20,7 +20,8 @@ from fedstudy.spec import FederatedStudy
 from fedstudy.tls import server_credentials
 
 from .boosting import BoostingTracker, TrackerError
-from .rounds import SPOOL_ABOVE_BYTES, SPOOL_BUDGET_BYTES, SPOOL_CONCURRENCY, Coordinator
+from .rounds import Coordinator
+from .rounds.admission import SPOOL_ABOVE_BYTES, SPOOL_BUDGET_BYTES, SPOOL_CONCURRENCY
 from .service import AggregatorService, add_to_server
 from .web import HttpServer
 

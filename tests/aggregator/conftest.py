@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from aggtest import Running, StartFn, make_study
-from fedstudy_aggregator.rounds import SPOOL_ABOVE_BYTES
+from fedstudy_aggregator.rounds.admission import SPOOL_ABOVE_BYTES
 from fedstudy_aggregator.server import AggregatorServer
 
 from fedstudy.certs import Credentials

@@ -185,7 +185,7 @@ def test_a_crash_between_a_rounds_entry_and_its_checkpoint_leaves_a_valid_chain(
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "state"))
 
     # Round 1's entry is written, then its checkpoint fails: the aggregator halts.
-    monkeypatch.setattr(agg.coord.store, "save", disk_full)
+    monkeypatch.setattr(agg.coord.persistence.store, "save", disk_full)
     assert [s.task().kind for s in sites] == [T.TRAIN, T.TRAIN]
     assert sites[0].submit(model(1.0), 1).accepted
     with pytest.raises(grpc.RpcError) as info:

@@ -21,7 +21,7 @@ from aggtest import (
     tensor_messages,
 )
 from aggtest import update_messages as stream
-from fedstudy_aggregator.rounds import CONTENT_REFUSALS
+from fedstudy_aggregator.rounds.checks import CONTENT_REFUSALS
 
 from fedstudy.tensors import Weights, total_bytes
 from fedstudy.wire import aggregator_pb2 as pb
@@ -193,7 +193,7 @@ def test_a_dropped_stream_frees_the_staging_buffer(
     release = threading.Event()
     call = stalled_upload(b, model(2.0), release)
     deadline = time.monotonic() + 5
-    while not agg.coord._staging.items:  # b's stream now holds the staging buffer
+    while not agg.coord.admission.staging.items:  # b's stream now holds the staging buffer
         assert time.monotonic() < deadline
         time.sleep(0.01)
     call.cancel()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from aggtest import Running, StartFn, initialise, make_study, model
-from fedstudy_aggregator.rounds import ByteBudget
+from fedstudy_aggregator.rounds.admission import ByteBudget
 
 
 def _waiting_gauge(agg: Running) -> float:
@@ -32,7 +32,7 @@ def test_a_granted_reservation_holds_the_room_until_its_update_arrives(start: St
     assert grant_b.granted, grant_b
     assert b.submit(model(3.0), 1, update_id=id_b).accepted
     assert agg.coord.status()["completed_rounds"] == 1
-    assert agg.coord._staging.items == 0
+    assert agg.coord.admission.staging.items == 0
 
 
 def test_a_waiting_reservation_is_granted_when_the_room_comes_back(start: StartFn) -> None:
@@ -47,7 +47,7 @@ def test_a_waiting_reservation_is_granted_when_the_room_comes_back(start: StartF
     waiting.start()
     waiting.join(0.3)
     assert waiting.is_alive()  # b waits for the room a holds
-    assert agg.coord.uploads_waiting == 1
+    assert agg.coord.admission.waiting == 1
     assert _waiting_gauge(agg) == 1.0
     assert a.submit(model(1.0), 1, update_id=id_a).accepted
     waiting.join(10)
@@ -73,7 +73,7 @@ def test_a_reservation_the_header_checks_refuse_says_why_and_counts_no_refusal(
         assert (grant.granted, grant.reason) == (False, reason), grant
         assert grant.message
     assert agg.coord.status()["refused_updates"] == {}
-    assert agg.coord._staging.items == 0
+    assert agg.coord.admission.staging.items == 0
     # Once a site's update is in, it is told so before it sends another.
     assert a.submit(model(1.0), 1).accepted
     grant, _ = a.reserve(model(1.0), 1)
@@ -84,7 +84,7 @@ def test_room_no_stream_claims_is_given_back_after_the_reservation_expires(
     start: StartFn,
 ) -> None:
     agg = start(make_study(sites=2, rounds=1), spool_above_bytes=None)
-    agg.coord.reservation_ttl = 0.5
+    agg.coord.admission.reservation_ttl = 0.5
     a, b = initialise(agg, "s0", "s1")
     assert a.reserve(model(1.0), 1)[0].granted  # and a never sends its update
     grant_b, id_b = b.reserve(model(3.0), 1, wait=10)
@@ -102,14 +102,14 @@ def test_a_sites_new_reservation_replaces_its_older_one(start: StartFn) -> None:
     second, id_second = a.reserve(model(1.0), 1, wait=0.3)  # e.g. a retry with a new id
     assert first.granted
     assert second.granted
-    assert agg.coord._staging.items == 1
+    assert agg.coord.admission.staging.items == 1
     assert a.submit(model(1.0), 1, update_id=id_second).accepted
-    assert agg.coord._staging.items == 0
+    assert agg.coord.admission.staging.items == 0
 
 
 def test_spooled_updates_arrive_within_the_concurrency_limit(start: StartFn) -> None:
     agg = start(make_study(sites=3, rounds=1), spool_above_bytes=0)
-    agg.coord._spooling.max_items = 2
+    agg.coord.admission.spooling.max_items = 2
     a, b, c = initialise(agg, "s0", "s1", "s2")
     assert a.reserve(model(1.0), 1)[0].granted
     assert b.reserve(model(2.0), 1)[0].granted

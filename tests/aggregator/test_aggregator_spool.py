@@ -19,7 +19,7 @@ from aggtest import (
     model,
     stalled_upload,
 )
-from fedstudy_aggregator.rounds import ByteBudget
+from fedstudy_aggregator.rounds.admission import ByteBudget
 
 from fedstudy.tensors import Weights
 
