@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from fedstudy.spec import Strategy as StrategySpec
 from fedstudy.tensors import TensorSpec, signature_problem
 from fedstudy.wire import aggregator_pb2 as pb
 
@@ -228,6 +229,23 @@ def check_header(
             "too-large", f"the header announces {h.total_bytes} bytes; the bound is {bound}"
         )
     return list(expected), bound
+
+
+def clip_scale(norm: float, strategy: StrategySpec, dp_clip: float | None) -> float:
+    """How far an update whose change has L2 norm ``norm`` is scaled down:
+    ``strategy.maxUpdateNorm`` clips it (or, with ``normPolicy`` refuse, refuses it), then
+    server-side DP clips it to ``dp_clip``."""
+    scale = 1.0
+    bound = strategy.maxUpdateNorm
+    if bound is not None and norm > bound:
+        if strategy.normPolicy == "refuse":
+            raise Refusal(
+                "norm-exceeded", f"the update's norm {norm:.6g} is above the bound {bound:.6g}"
+            )
+        scale = bound / norm
+    if dp_clip is not None and norm * scale > dp_clip:
+        scale = dp_clip / norm
+    return scale
 
 
 def check_still_open(

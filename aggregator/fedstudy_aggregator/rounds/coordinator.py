@@ -27,7 +27,7 @@ from fedstudy.wire import aggregator_pb2 as pb
 from .. import outputs
 from ..audit import StudyAudit
 from ..metrics import AggregatorMetrics
-from ..records import SiteRecord, clean_metrics, finite_or_none
+from ..records import SiteRecord
 from ..server_dp import ServerDP
 from ..strategies import Strategy, Update, make_strategy
 from . import checks
@@ -438,11 +438,7 @@ class Coordinator:
             )
             if self.reference is None:
                 self.reference = sig
-            site.joined = True
-            site.left = None
-            site.signature = sig
-            site.train_samples = int(req.train_samples)
-            site.test_samples = int(req.test_samples)
+            self.record.site_joined(site, req, sig)
             event(
                 self.log,
                 "site-joined",
@@ -665,35 +661,16 @@ class Coordinator:
             return self._refuse(h, Refusal(e.reason, str(e)))
         return pb.UpdateReceipt(accepted=True, message=f"round {h.round} update accepted")
 
-    def _clip_scale(self, h: pb.UpdateHeader, norm: float) -> float:
-        """How far an update's change is scaled down: ``strategy.maxUpdateNorm`` clips it (or
-        refuses it), then server-side DP clips it to its ``clipNorm``."""
-        scale = 1.0
-        bound = self.spec.strategy.maxUpdateNorm
-        if bound is not None and norm > bound:
-            if self.spec.strategy.normPolicy == "refuse":
-                raise Refusal(
-                    "norm-exceeded", f"the update's norm {norm:.6g} is above the bound {bound:.6g}"
-                )
-            event(self.log, "update-clipped", site=h.site, round=h.round, norm=norm, bound=bound)
-            scale = bound / norm
-        dp = self.strategy.dp
-        if dp is not None and norm * scale > dp.clip:
-            scale = dp.clip / norm
-        return scale
-
     def _fold(
         self, h: pb.UpdateHeader, received: Weights | SpooledWeights, found: Examined
     ) -> None:
         """Takes an accepted update in: the initial model, or one more in the round's mean.
         The caller then moves the state machine on (``_advance``). ``found``: what
         ``examine`` found in the update as it arrived (its digest and the norm of its change)."""
-        rec = self.record
-        site = rec.sites[h.site]
+        site = self.record.sites[h.site]
         if h.round == 0:
             weights = received.load() if isinstance(received, SpooledWeights) else received
-            rec.accepted_total += 1
-            rec.metrics.update_accepted(site.name, int(h.round))
+            self.record.update_accepted(site, h)
             self._audit_write(
                 "initial model",
                 lambda: self.audit.initial_model(
@@ -717,17 +694,18 @@ class Coordinator:
             return
         assert found.norm is not None
         assert self.model is not None
-        scale = self._clip_scale(h, found.norm)
-        rec.accepted_total += 1
-        rec.metrics.update_accepted(site.name, int(h.round))
+        dp = self.strategy.dp
+        scale = checks.clip_scale(found.norm, self.spec.strategy, None if dp is None else dp.clip)
+        bound = self.spec.strategy.maxUpdateNorm
+        if bound is not None and found.norm > bound:
+            event(
+                self.log, "update-clipped", site=h.site, round=h.round, norm=found.norm, bound=bound
+            )
+        line = self.record.update_accepted(site, h)
+        assert line is not None
         self.audit.accepted(site.name, int(h.num_samples), found.digest)
         self.strategy.accept(Update(received, self.model, scale, owned=True), int(h.num_samples))
         self.machine.answer(site.name)
-        site.rounds_participated += 1
-        site.last_round = h.round
-        line = rec.line(h.round, site)
-        line.train_samples = int(h.num_samples)
-        line.train_loss = finite_or_none(h.train_loss)
         event(
             self.log,
             "update-accepted",
@@ -736,22 +714,20 @@ class Coordinator:
             num_samples=int(h.num_samples),
             train_loss=line.train_loss,
             answered=len(self.machine.answered),
-            joined=len(rec.joined()),
+            joined=len(self.record.joined()),
         )
 
     def _refuse(self, h: pb.UpdateHeader | None, r: Refusal) -> pb.UpdateReceipt:
         m = self.machine
         with self.cond:
             rec = self.record
-            rec.refused[r.reason] += 1
-            rec.round_refused[r.reason] += 1
+            rec.update_refused(r.reason)
             self.audit.refused(
                 h.site if h is not None else None,
                 int(h.round) if h is not None else None,
                 r.reason,
                 str(r),
             )
-            rec.metrics.update_refused(r.reason)
             excluded = (
                 h is not None
                 and r.reason in CONTENT_REFUSALS
@@ -820,29 +796,17 @@ class Coordinator:
                 )
                 return pb.ReportReceipt(accepted=False, reason=reason, message=message)
             assert site is not None
-            v = int(req.model_version)
-            line = rec.line(v, site)
-            if req.test_samples:
-                line.test_samples = int(req.test_samples)
-            line.metrics = clean_metrics(req.metrics)
-            if site.metrics_version is None or v >= site.metrics_version:
-                site.metrics = dict(line.metrics)
-                site.metrics_version = v
+            line = rec.report(site, req)
             final = req.kind == pb.ReportRequest.FINAL
-            rec.metrics.report(site.name, "final" if final else "evaluation")
-            rec.metrics.site_metrics(site.name, site.metrics)
-            rec.metrics.global_metrics(rec.latest_global()[1])
             event(
                 self.log,
                 "report",
                 site=site.name,
                 kind="final" if final else "evaluation",
-                model_version=v,
+                model_version=int(req.model_version),
                 metrics=line.metrics,
             )
             if final:
-                site.local_only = clean_metrics(req.local_only_metrics)
-                site.final_reported = True
                 if self.machine.phase == DONE:
                     self._write_outputs(final=True)
                 self._checkpoint_state()

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from fedstudy.spec import FederatedStudy
+from fedstudy.tensors import TensorSpec
+from fedstudy.wire import aggregator_pb2 as pb
 
 from .. import outputs
 from ..audit import StudyAudit
@@ -21,7 +23,9 @@ from ..records import (
     Metrics,
     RoundLine,
     SiteRecord,
+    clean_metrics,
     combine_metrics,
+    finite_or_none,
     history_from_json,
     history_to_json,
 )
@@ -93,6 +97,52 @@ class StudyRecord:
             reported=frozenset(n for n, s in self.sites.items() if s.final_reported),
             available=sum(1 for s in self.sites.values() if s.left is None),
         )
+
+    def site_joined(self, site: SiteRecord, req: pb.JoinRequest, sig: list[TensorSpec]) -> None:
+        site.joined = True
+        site.left = None
+        site.signature = sig
+        site.train_samples = int(req.train_samples)
+        site.test_samples = int(req.test_samples)
+
+    def update_accepted(self, site: SiteRecord, h: pb.UpdateHeader) -> RoundLine | None:
+        """Counts an accepted update; one of a round (not the initial model) goes into the
+        site's line for the round, which is returned."""
+        self.accepted_total += 1
+        self.metrics.update_accepted(site.name, int(h.round))
+        if h.round == 0:
+            return None
+        site.rounds_participated += 1
+        site.last_round = h.round
+        line = self.line(h.round, site)
+        line.train_samples = int(h.num_samples)
+        line.train_loss = finite_or_none(h.train_loss)
+        return line
+
+    def update_refused(self, reason: str) -> None:
+        self.refused[reason] += 1
+        self.round_refused[reason] += 1
+        self.metrics.update_refused(reason)
+
+    def report(self, site: SiteRecord, req: pb.ReportRequest) -> RoundLine:
+        """Takes a site's evaluation of a model version in (and, with a FINAL report, its
+        local-only baseline); returns its line for that version."""
+        v = int(req.model_version)
+        line = self.line(v, site)
+        if req.test_samples:
+            line.test_samples = int(req.test_samples)
+        line.metrics = clean_metrics(req.metrics)
+        if site.metrics_version is None or v >= site.metrics_version:
+            site.metrics = dict(line.metrics)
+            site.metrics_version = v
+        final = req.kind == pb.ReportRequest.FINAL
+        self.metrics.report(site.name, "final" if final else "evaluation")
+        self.metrics.site_metrics(site.name, site.metrics)
+        self.metrics.global_metrics(self.latest_global()[1])
+        if final:
+            site.local_only = clean_metrics(req.local_only_metrics)
+            site.final_reported = True
+        return line
 
     def line(self, r: int, site: SiteRecord) -> RoundLine:
         lines = self.history.setdefault(r, {})
